@@ -1,0 +1,111 @@
+"""The `minillm` command line.
+
+    minillm train [--config NAME|FILE.yaml] [section.key=value ...] [--resume]
+    minillm export CHECKPOINT --out DIR [--overwrite] [--push-to-hub ORG/NAME [--private] [--dry-run]]
+    minillm serve-teacher MODEL_DIR [--host 127.0.0.1] [--port 8000] [--device cpu] [--dtype float32]
+    minillm config [--config ...] [overrides ...]     print the resolved config
+    minillm build-assets                              rebuild the embedded tiny models and corpus
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from launch.config import ConfigError, load_config
+
+
+def _train(args) -> int:
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append("checkpoint.resume=auto")
+    cfg = load_config(args.config, overrides)  # all validation happens here, before any model loads
+    from trainer.loop import Hooks, train
+    train(cfg, Hooks(progress=not args.no_progress))
+    return 0
+
+
+def _config(args) -> int:
+    cfg = load_config(args.config, list(args.overrides))
+    print(json.dumps(cfg.to_dict(), indent=2))
+    return 0
+
+
+def _export(args) -> int:
+    from trainer.export import export_main
+    export_main(args.checkpoint, args.out, overwrite=args.overwrite, push_to_hub=args.push_to_hub,
+                private=args.private, dry_run=args.dry_run)
+    return 0
+
+
+def _serve_teacher(args) -> int:
+    from teacher.http_service import serve_teacher
+    from launch.config import resolve_path
+    serve_teacher(resolve_path(args.model), host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+                  token_budget=args.token_budget)
+    return 0
+
+
+def _build_assets(args) -> int:
+    from launch.build_assets import main
+    main([])
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="minillm", description="On-policy distillation of LLMs (MiniLLM, GKD, ...).",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def with_config(p):
+        p.add_argument("--config", default=None, help="a shipped config name (see launch/configs) or a YAML file; "
+                       "default: cpu_tiny, the embedded CPU example")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=1e-5 rollout.max_new_tokens=64")
+
+    p = sub.add_parser("train", help="run a distillation job")
+    with_config(p)
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint (checkpoint.resume=auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("config", help="print the resolved, validated config")
+    with_config(p)
+    p.set_defaults(func=_config)
+
+    p = sub.add_parser("export", help="export a checkpoint to a Hugging Face model folder (and push it)")
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest complete checkpoint)")
+    p.add_argument("--out", required=True, help="the model folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--push-to-hub", metavar="ORG/NAME", default=None, help="upload the folder to this Hub repo")
+    p.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded; contact nothing")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("serve-teacher", help="serve a teacher's token log-probs over HTTP (see teacher/API.md)")
+    p.add_argument("model", help="teacher model folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--token-budget", type=int, default=16384)
+    p.set_defaults(func=_serve_teacher)
+
+    p = sub.add_parser("build-assets", help="rebuild the embedded tiny teacher, student config, tokenizer and corpus")
+    p.set_defaults(func=_build_assets)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"minillm: config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError) as e:
+        print(f"minillm: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,487 @@
+"""Typed, validated configuration: one dataclass per concern, YAML files plus dotted overrides.
+
+Everything a run reads comes from `RunConfig`. `load_config(path, overrides)` merges a YAML file
+with `section.key=value` overrides and validates the result *before* any model is loaded:
+an unknown key, a wrong type or an impossible value raises `ConfigError` naming the key and
+the valid choices.
+
+Paths may start with `builtin:` to point into the assets shipped with the package
+(`builtin:tiny-teacher`, `builtin:tokenizer`, `builtin:corpus/train.jsonl`, ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+ASSETS_DIR = Path(__file__).parent / "assets"
+DEFAULT_CONFIG = "cpu_tiny"
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message names the key."""
+
+
+def resolve_path(path: Optional[str]) -> Optional[str]:
+    """Expand `builtin:` (shipped assets) and `~`; other strings pass through unchanged."""
+    if path is None:
+        return None
+    if path.startswith("builtin:"):
+        return str(ASSETS_DIR / path[len("builtin:"):])
+    return os.path.expanduser(path)
+
+
+@dataclass
+class ModelConfig:
+    """Student and teacher models.
+
+    student (str): a Hugging Face model folder (or `builtin:`) with the student's initial weights,
+        or, with `student_init: from_config`, a folder holding only a `config.json`; its weights
+        are then initialised at random with `trainer.seed`.
+    student_init (str, *optional*, defaults to "pretrained"): "pretrained" | "from_config".
+    teacher (str): the teacher's model folder.
+    tokenizer (str, *optional*): tokenizer folder; defaults to the student folder. The teacher's
+        tokenizer (if its folder has one) must agree with it on the tokens used.
+    dtype (str, *optional*, defaults to "float32"): parameter dtype for student and teacher
+        ("float32" on CPU, "bfloat16" on GPU).
+    """
+
+    student: str = "builtin:tiny-student"
+    student_init: Literal["pretrained", "from_config"] = "from_config"
+    teacher: str = "builtin:tiny-teacher"
+    tokenizer: Optional[str] = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass
+class DataConfig:
+    """Prompt data.
+
+    prompts (str): a local `.jsonl`/`.parquet` file, or `hf:NAME[:SPLIT]` for a Hugging Face
+        `datasets` dataset already in the local cache (nothing is downloaded when HF_HUB_OFFLINE=1).
+    prompt_key (str, *optional*, defaults to "prompt"): the field with the prompt text, or a list of
+        chat messages when `chat_template` is true.
+    response_key (str, *optional*, defaults to "response"): the field with the dataset's own
+        response (GKD's off-policy data; needed when `objective.lam < 1`).
+    chat_template (bool, *optional*, defaults to False): apply the tokenizer's chat template.
+    eval_prompts (str, *optional*): held-out prompts for the before/after reverse-KL report.
+    num_eval_prompts (int, *optional*, defaults to 32).
+    pretrain (str, *optional*): text data (`.jsonl` with a `text` field) for MiniLLM's L_PT loss.
+    max_prompt_len (int, *optional*, defaults to 256): longer prompts are an error, not truncated.
+    """
+
+    prompts: str = "builtin:corpus/prompts_train.jsonl"
+    prompt_key: str = "prompt"
+    response_key: str = "response"
+    chat_template: bool = False
+    eval_prompts: Optional[str] = "builtin:corpus/prompts_eval.jsonl"
+    num_eval_prompts: int = 32
+    pretrain: Optional[str] = None
+    max_prompt_len: int = 256
+
+    def validate(self) -> None:
+        _positive("data.num_eval_prompts", self.num_eval_prompts)
+        _positive("data.max_prompt_len", self.max_prompt_len)
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling from the student.
+
+    backend (str, *optional*, defaults to "hf"): "hf" (transformers `generate`, CPU or GPU) or
+        "vllm" (GPU, needs the `vllm` extra).
+    num_workers (int, *optional*, defaults to 1): data-parallel rollout workers (Ray actors).
+    tensor_parallel_size (int, *optional*, defaults to 1): vLLM tensor parallelism per worker.
+    prompts_per_step (int, *optional*, defaults to 16): prompts drawn per training step.
+    n_samples (int, *optional*, defaults to 1): samples per prompt.
+    max_new_tokens (int, *optional*, defaults to 32).
+    temperature, top_p, top_k: sampling settings. On-policy objectives assume the defaults
+        (1.0, 1.0, 0 = off); other values sample from a different policy than the one trained.
+    mix_alpha (float, *optional*, defaults to 0.0): MiniLLM teacher-mixed sampling, each token
+        drawn from α·p + (1−α)·q_θ (arXiv 2306.08543 §2.2); 0 is plain student sampling.
+    seed (int, *optional*, defaults to 0).
+    gpu_memory_utilization (float, *optional*, defaults to 0.3): vLLM's share of the GPU.
+    sleep_mode (bool, *optional*, defaults to False): vLLM sleeps (weights and KV cache offloaded)
+        while the learner trains; for the single-GPU mode.
+    enforce_eager (bool, *optional*, defaults to False): vLLM without CUDA graphs (faster start).
+    sync_bucket_mb (int, *optional*, defaults to 256): weight-sync flat bucket size.
+    num_cpus (float, *optional*, defaults to 1): CPUs per rollout worker actor.
+    """
+
+    backend: Literal["hf", "vllm"] = "hf"
+    num_workers: int = 1
+    tensor_parallel_size: int = 1
+    prompts_per_step: int = 16
+    n_samples: int = 1
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    mix_alpha: float = 0.0
+    seed: int = 0
+    gpu_memory_utilization: float = 0.3
+    sleep_mode: bool = False
+    enforce_eager: bool = False
+    sync_bucket_mb: int = 256
+    num_cpus: float = 1.0
+
+    def validate(self) -> None:
+        for key in ("num_workers", "tensor_parallel_size", "prompts_per_step", "n_samples",
+                    "max_new_tokens", "sync_bucket_mb"):
+            _positive(f"rollout.{key}", getattr(self, key))
+        _in_range("rollout.temperature", self.temperature, 0.0, None, low_open=True)
+        _in_range("rollout.top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _in_range("rollout.top_k", self.top_k, 0, None)
+        _in_range("rollout.mix_alpha", self.mix_alpha, 0.0, 1.0)
+        _in_range("rollout.gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0, low_open=True)
+
+
+@dataclass
+class TeacherConfig:
+    """Teacher scoring.
+
+    backend (str, *optional*, defaults to "ray"): "ray" (a pool of teacher actors),
+        "http" (a `minillm serve-teacher` service at `url`), "vllm_server" (an external vLLM
+        OpenAI-compatible server at `url`, via prompt_logprobs).
+    num_replicas (int, *optional*, defaults to 1): data-parallel teacher actors ("ray").
+    topk (int, *optional*, defaults to 0): top-k teacher log-probs per position (0 = sampled
+        token only). Used by the top-k forms of the objectives when `return_full` is off.
+    return_full (bool, *optional*, defaults to True): return the full teacher distribution
+        (exact single-step / divergence terms; fine for small vocabularies or colocated teachers).
+    url (str, *optional*): service address for "http"/"vllm_server".
+    served_model_name (str, *optional*): model name on the vLLM server.
+    token_budget (int, *optional*, defaults to 16384): tokens per teacher micro-batch.
+    num_gpus (float, *optional*, defaults to 0): GPUs per teacher replica.
+    num_cpus (float, *optional*, defaults to 1): CPUs per teacher replica.
+    """
+
+    backend: Literal["ray", "http", "vllm_server"] = "ray"
+    num_replicas: int = 1
+    topk: int = 0
+    return_full: bool = True
+    url: Optional[str] = None
+    served_model_name: Optional[str] = None
+    token_budget: int = 16384
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+
+    def validate(self) -> None:
+        _positive("teacher.num_replicas", self.num_replicas)
+        _positive("teacher.token_budget", self.token_budget)
+        _in_range("teacher.topk", self.topk, 0, None)
+        if self.backend in ("http", "vllm_server") and not self.url:
+            raise ConfigError(f"teacher.url is required when teacher.backend is {self.backend!r}")
+
+
+OBJECTIVES = ("minillm", "gkd", "forward_kl", "reverse_kl", "tvd", "skew_kl", "skew_rkl", "akl")
+
+
+@dataclass
+class ObjectiveConfig:
+    """The distillation objective.
+
+    name (str, *optional*, defaults to "minillm"): "minillm" (reverse-KL policy gradient,
+        arXiv 2306.08543), "gkd" (generalised JSD(β) with on-policy fraction λ, arXiv 2306.13649),
+        or a token-level divergence on student samples: "forward_kl", "reverse_kl", "tvd",
+        "skew_kl", "skew_rkl" (DistiLLM, arXiv 2402.03898), "akl" (arXiv 2404.02657).
+    lam (float, *optional*, defaults to 1.0): GKD on-policy fraction λ: each batch is the
+        student's own samples with probability λ, else the dataset's responses (or the teacher's
+        samples with `seq_kd`). Used by every objective except "minillm" (always on-policy).
+    seq_kd (bool, *optional*, defaults to False): off-policy batches are teacher samples.
+    beta (float, *optional*, defaults to 0.5): JSD(β) interpolation.
+    skew_alpha (float, *optional*, defaults to 0.1): DistiLLM skew α.
+    akl_mu (float, *optional*, defaults to 0.5): AKL head/tail cumulative-probability split μ.
+    temperature (float, *optional*, defaults to 1.0): divergence temperature.
+    clip_eps (float, *optional*, defaults to 0.2): PPO ratio clipping ε (MiniLLM).
+    ppo_epochs (int, *optional*, defaults to 1): inner epochs over one rollout.
+    length_norm (bool, *optional*, defaults to True): MiniLLM length normalisation.
+    gamma (float, *optional*, defaults to 1.0): discount (the official code uses 0.95).
+    include_current (bool, *optional*, defaults to False): official code's r_t in the return.
+    whiten (bool, *optional*, defaults to False): official code's advantage whitening (masked).
+    importance (str, *optional*, defaults to "token"): teacher-mixed importance weights,
+        "token" (paper's single-token ratio) or "sequence" (exact products).
+    single_step (bool, *optional*, defaults to True): MiniLLM single-step decomposition.
+    pt_weight (float, *optional*, defaults to 0.0): weight of the L_PT language-modelling loss
+        (needs `data.pretrain`).
+    """
+
+    name: Literal["minillm", "gkd", "forward_kl", "reverse_kl", "tvd", "skew_kl", "skew_rkl", "akl"] = "minillm"
+    lam: float = 1.0
+    seq_kd: bool = False
+    beta: float = 0.5
+    skew_alpha: float = 0.1
+    akl_mu: float = 0.5
+    temperature: float = 1.0
+    clip_eps: float = 0.2
+    ppo_epochs: int = 1
+    length_norm: bool = True
+    gamma: float = 1.0
+    include_current: bool = False
+    whiten: bool = False
+    importance: Literal["token", "sequence"] = "token"
+    single_step: bool = True
+    pt_weight: float = 0.0
+
+    def validate(self) -> None:
+        _in_range("objective.lam", self.lam, 0.0, 1.0)
+        _in_range("objective.beta", self.beta, 0.0, 1.0)
+        _in_range("objective.skew_alpha", self.skew_alpha, 0.0, 1.0)
+        _in_range("objective.akl_mu", self.akl_mu, 0.0, 1.0)
+        _in_range("objective.temperature", self.temperature, 0.0, None, low_open=True)
+        _in_range("objective.clip_eps", self.clip_eps, 0.0, None, low_open=True)
+        _in_range("objective.gamma", self.gamma, 0.0, 1.0)
+        _in_range("objective.pt_weight", self.pt_weight, 0.0, None)
+        _positive("objective.ppo_epochs", self.ppo_epochs)
+
+
+@dataclass
+class TrainerConfig:
+    """The DeepSpeed learner.
+
+    steps (int, *optional*, defaults to 100): training steps (one rollout each).
+    lr (float, *optional*, defaults to 1e-5), weight_decay (float, defaults to 0.0),
+    lr_schedule (str, *optional*, defaults to "constant"): "constant" | "linear" | "cosine",
+        after `warmup_steps` of linear warm-up.
+    grad_clip (float, *optional*, defaults to 1.0): max gradient norm (0 = off).
+    zero_stage (int, *optional*, defaults to 0): DeepSpeed ZeRO stage 0-3.
+    num_ranks (int, *optional*, defaults to 1): learner data-parallel ranks (Ray actors).
+    micro_batch_tokens (int, *optional*, defaults to 8192): token budget per micro-batch.
+    bf16 (bool, *optional*, defaults to False): bf16 training (GPU).
+    gradient_checkpointing (bool, *optional*, defaults to False).
+    cpu_offload (bool, *optional*, defaults to False): ZeRO optimizer offload to CPU.
+    device (str, *optional*, defaults to "cpu"): "cpu" or "cuda".
+    num_gpus (float, *optional*, defaults to 0): GPUs per learner rank.
+    num_cpus (float, *optional*, defaults to 1): CPUs per learner rank.
+    seed (int, *optional*, defaults to 0).
+    eval_every (int, *optional*, defaults to 0): held-out reverse KL every N steps (0 = only
+        before and after training).
+    """
+
+    steps: int = 100
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    zero_stage: int = 0
+    num_ranks: int = 1
+    micro_batch_tokens: int = 8192
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    cpu_offload: bool = False
+    device: Literal["cpu", "cuda"] = "cpu"
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    seed: int = 0
+    eval_every: int = 0
+
+    def validate(self) -> None:
+        _positive("trainer.steps", self.steps)
+        _in_range("trainer.lr", self.lr, 0.0, None, low_open=True)
+        _in_range("trainer.weight_decay", self.weight_decay, 0.0, None)
+        _in_range("trainer.warmup_steps", self.warmup_steps, 0, None)
+        _in_range("trainer.grad_clip", self.grad_clip, 0.0, None)
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"trainer.zero_stage must be one of 0, 1, 2, 3, got {self.zero_stage}")
+        _positive("trainer.num_ranks", self.num_ranks)
+        _positive("trainer.micro_batch_tokens", self.micro_batch_tokens)
+        _in_range("trainer.eval_every", self.eval_every, 0, None)
+        if self.bf16 and self.device == "cpu":
+            raise ConfigError("trainer.bf16 is for GPU runs; set trainer.device=cuda or trainer.bf16=false")
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints.
+
+    every (int, *optional*, defaults to 0): checkpoint every N steps (0 = only at the end).
+    keep_last (int, *optional*, defaults to 2): complete checkpoints kept.
+    resume (str, *optional*, defaults to "never"): "never", "auto" (latest complete checkpoint
+        in the run's checkpoint folder, if any) or a checkpoint path.
+    """
+
+    every: int = 0
+    keep_last: int = 2
+    resume: str = "never"
+
+    def validate(self) -> None:
+        _in_range("checkpoint.every", self.every, 0, None)
+        _positive("checkpoint.keep_last", self.keep_last)
+
+
+@dataclass
+class ClusterConfig:
+    """Where the Ray roles run.
+
+    address (str, *optional*): Ray cluster address ("auto" inside `ray job submit`); None starts
+        a local cluster.
+    num_cpus (int, *optional*): CPUs of the local cluster (None = all).
+    spread_roles (bool, *optional*, defaults to False): place rollout, teacher and learner in
+        separate placement groups spread across nodes (multi-node); False packs them.
+    """
+
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None
+    spread_roles: bool = False
+
+
+@dataclass
+class RunConfig:
+    """A whole run. `output_dir` receives logs, checkpoints and the exported model (`final/`)."""
+
+    output_dir: str = "runs/minillm"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate()
+        if self.rollout.mix_alpha > 0 and self.objective.name != "minillm":
+            raise ConfigError("rollout.mix_alpha (teacher-mixed sampling) is for objective.name=minillm")
+        if self.objective.pt_weight > 0 and not self.data.pretrain:
+            raise ConfigError("objective.pt_weight > 0 needs data.pretrain (a .jsonl with a 'text' field)")
+        if self.rollout.backend == "vllm" and self.trainer.device != "cuda":
+            raise ConfigError("rollout.backend=vllm needs a GPU: set trainer.device=cuda (or rollout.backend=hf)")
+        if self.teacher.backend != "ray" and self.teacher.return_full:
+            raise ConfigError(f"teacher.return_full is only served by teacher.backend=ray; "
+                              f"set teacher.return_full=false and teacher.topk>0 for {self.teacher.backend!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML + dotted overrides -> dataclasses, strictly.
+
+
+def _positive(key: str, value) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _in_range(key: str, value, low, high, low_open: bool = False) -> None:
+    bad_low = low is not None and (value <= low if low_open else value < low)
+    bad_high = high is not None and value > high
+    if bad_low or bad_high:
+        lo = "(" if low_open else "["
+        raise ConfigError(f"{key} must be in {lo}{low}, {high if high is not None else 'inf'}], got {value}")
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Return `value` converted to `annotation` (int -> float allowed) or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_type(key, value, args[0])
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {annotation} for {key}")
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        hint = f" (did you mean {where}{close[0]}?)" if close else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]}{hint}; valid keys{' in ' + prefix if prefix else ''}: "
+                          f"{', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, data[name] or {}, key)
+        else:
+            kwargs[name] = _check_type(key, data[name], hint)
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.key=value (e.g. trainer.lr=1e-5)")
+    dotted, raw = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {k!r} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def config_path(name_or_path: str) -> Path:
+    """A YAML path, or the name of a shipped config in launch/configs/."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.exists():
+        return shipped
+    names = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {name_or_path!r} not found: give a YAML file or one of {', '.join(names)}")
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Load and validate a run config; `path=None` is the embedded CPU default."""
+    with open(config_path(path or DEFAULT_CONFIG)) as f:
+        tree = yaml.safe_load(f) or {}
+    for ov in overrides or []:
+        _apply_override(tree, ov)
+    cfg = _build(RunConfig, tree, "")
+    cfg.validate()
+    return cfg
+
+
+def config_from_dict(tree: dict) -> RunConfig:
+    cfg = _build(RunConfig, tree, "")
+    cfg.validate()
+    return cfg

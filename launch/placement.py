@@ -1,0 +1,71 @@
+"""Placement plan: one Ray placement group per role, created in one place and checked after start.
+
+    role      bundles                         strategy (spread_roles=false / true)
+    learner   trainer.num_ranks × {CPU, GPU}  PACK / SPREAD
+    rollout   rollout.num_workers × {...}     PACK / SPREAD
+    teacher   teacher.num_replicas × {...}    PACK / SPREAD
+
+With `cluster.spread_roles` each group's bundles go to different nodes where possible; with it off
+Ray packs them (one node, or the fewest nodes). Actors are pinned with
+PlacementGroupSchedulingStrategy(pg, bundle_index) so the plan is the placement.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from launch.config import RunConfig
+
+
+@dataclass
+class RolePlacement:
+    group: PlacementGroup
+    bundles: list[dict]
+
+    def strategy(self, index: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(placement_group=self.group, placement_group_bundle_index=index,
+                                                placement_group_capture_child_tasks=True)
+
+    def slots(self) -> list[tuple[PlacementGroup, int]]:
+        return [(self.group, i) for i in range(len(self.bundles))]
+
+
+def _bundle(cpus: float, gpus: float) -> dict:
+    b = {"CPU": cpus}
+    if gpus > 0:
+        b["GPU"] = gpus
+    return b
+
+
+def role_bundles(cfg: RunConfig) -> dict[str, list[dict]]:
+    gpu_rollout = cfg.rollout.tensor_parallel_size if cfg.rollout.backend == "vllm" else (1 if cfg.trainer.device == "cuda" else 0)
+    roles = {
+        "learner": [_bundle(cfg.trainer.num_cpus, cfg.trainer.num_gpus)] * cfg.trainer.num_ranks,
+        "rollout": [_bundle(cfg.rollout.num_cpus, 0 if cfg.trainer.device == "cpu" else gpu_rollout)] * cfg.rollout.num_workers,
+    }
+    if cfg.teacher.backend == "ray":
+        roles["teacher"] = [_bundle(cfg.teacher.num_cpus, cfg.teacher.num_gpus)] * cfg.teacher.num_replicas
+    return roles
+
+
+def create_placement(cfg: RunConfig, timeout_s: float = 120.0) -> dict[str, RolePlacement]:
+    """Reserve every role's resources up front; fails with the missing resources if the cluster is too small."""
+    strategy = "SPREAD" if cfg.cluster.spread_roles else "PACK"
+    out = {}
+    for role, bundles in role_bundles(cfg).items():
+        pg = placement_group(bundles, strategy=strategy, name=f"minillm-{role}")
+        ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+        if not ready:
+            remove_placement_group(pg)
+            raise RuntimeError(f"could not reserve resources for {role}: {bundles} (strategy {strategy}); "
+                               f"cluster has {ray.cluster_resources()}")
+        out[role] = RolePlacement(pg, bundles)
+    return out
+
+
+def release(placement: dict[str, RolePlacement]) -> None:
+    for p in placement.values():
+        remove_placement_group(p.group)

@@ -1,0 +1,217 @@
+"""vLLM backend (GPU, vLLM 0.26): same methods as `HFRolloutBackend`, plus the GPU weight-sync paths.
+
+Token ids in (`TokensPrompt`), token ids + raw log q out. The engine is built with
+`logprobs_mode="raw_logprobs"` (log-softmax of the model's logits before temperature/top-k/top-p) and each
+request asks `logprobs=0`, so every sampled token comes back with its own raw log-prob: the quantity
+the learner recomputes (in bf16 the two differ by kernel rounding; benchmarks/bench_rollout.py measures it).
+
+`logprobs(batch)` scores given tokens with `prompt_logprobs=0` on prompt + response (raw and processed
+are identical for prompt tokens) under the engine's current weights: no second copy of the model.
+
+Weight sync (one RPC per flat bucket, into `rollout.vllm_extension.WeightSyncExtension`; prefix cache reset
+after each bucket so no stale KV is reused):
+  load_bucket(flat, metas)            CPU-staged: the tensor travels through the RPC
+  load_bucket_ipc(handle, metas)      same GPU: `ipc_handle(flat_cuda)` from the learner, zero-copy
+  init_weight_update_group(...) +
+  load_bucket_nccl(metas)             separate GPUs: NCCL broadcast from learner rank 0 (`LearnerNcclSender`)
+`sleep(level)` / `wake_up()` free and restore GPU memory for the single-GPU mode (needs sleep_mode=True).
+
+Teacher-mixed sampling (`SamplingSettings.mix_alpha` > 0) runs a second engine for the teacher and the
+alternating scheduler of `rollout.mixed_sampling`.
+"""
+from __future__ import annotations
+
+import pickle
+import random
+from typing import Optional, Sequence
+
+import torch
+
+from rollout.mixed_sampling import alternating_mixed_sample
+from rollout.types import RolloutBatch, SamplingSettings
+from rollout.weight_sync import TensorMeta
+
+EXTENSION = "rollout.vllm_extension.WeightSyncExtension"
+
+
+def _sampling_params(settings: SamplingSettings, max_tokens: int, stop_ids: Sequence[int], seed: Optional[int],
+                     n: int = 1):
+    from vllm import SamplingParams
+
+    # ignore_eos: stop exactly at our stop set (the HF backend's rule), not also at the tokenizer's EOS.
+    return SamplingParams(n=n, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                          max_tokens=max_tokens, stop_token_ids=list(stop_ids), ignore_eos=True, seed=seed,
+                          logprobs=0, detokenize=False)
+
+
+def _stop_ids(settings: SamplingSettings) -> list[int]:
+    stop = set(settings.stop_token_ids)
+    if settings.eos_token_id is not None:
+        stop.add(settings.eos_token_id)
+    return sorted(stop)
+
+
+def _tokens_prompt(ids: list[int]):
+    from vllm.inputs import TokensPrompt
+
+    return TokensPrompt(prompt_token_ids=list(ids))
+
+
+class VllmTokenEngine:
+    """`rollout.mixed_sampling.TokenEngine` over a `vllm.LLM`; per-request seeds come from `rng`."""
+
+    def __init__(self, llm, settings: SamplingSettings, rng: random.Random):
+        self.llm, self.settings, self.rng = llm, settings, rng
+
+    def generate(self, prompt_ids_list: list[list[int]], max_tokens_list: list[int],
+                 stop_ids: Sequence[int]) -> list[list[int]]:
+        params = [_sampling_params(self.settings, k, stop_ids, self.rng.randrange(2**31)) for k in max_tokens_list]
+        outs = self.llm.generate([_tokens_prompt(p) for p in prompt_ids_list], params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+
+class VllmRolloutBackend:
+    def __init__(self, model_path: str, dtype: str = "bfloat16", tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.3, enforce_eager: bool = False, sleep_mode: bool = False,
+                 seed: int = 0, teacher_path: Optional[str] = None, teacher_gpu_memory_utilization: float = 0.35,
+                 teacher_dtype: Optional[str] = None, max_model_len: Optional[int] = None):
+        from vllm import LLM
+
+        common = dict(tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager, seed=seed,
+                      skip_tokenizer_init=True,  # token ids in and out; test models ship no tokenizer
+                      logprobs_mode="raw_logprobs", max_model_len=max_model_len)
+        self.llm = LLM(model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+                       enable_sleep_mode=sleep_mode, enable_prefix_caching=True,
+                       worker_extension_cls=EXTENSION, **common)
+        self.teacher = None
+        if teacher_path is not None:
+            self.teacher = LLM(model=teacher_path, dtype=teacher_dtype or dtype,
+                               gpu_memory_utilization=teacher_gpu_memory_utilization, **common)
+        hf_cfg = self.llm.llm_engine.model_config.hf_config
+        pad = getattr(hf_cfg, "pad_token_id", None)
+        eos = getattr(hf_cfg, "eos_token_id", None)
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        self.pad_token_id = pad if pad is not None else (eos or 0)
+
+    # ---- sampling -----------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> RolloutBatch:
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("rollout: empty prompt (0 tokens); every prompt needs at least one token")
+        stop = _stop_ids(settings)
+        rng = random.Random(settings.seed)
+        if settings.mix_alpha > 0:
+            return self._generate_mixed(prompts, settings, stop, rng)
+        # One request per prompt with n samples; distinct seeds per prompt (vLLM gives child j seed + j).
+        params = [_sampling_params(settings, settings.max_new_tokens, stop,
+                                   None if settings.seed is None else rng.randrange(2**31), n=settings.n)
+                  for _ in prompts]
+        outs = self.llm.generate([_tokens_prompt(p) for p in prompts], params, use_tqdm=False)
+        expanded, responses, logprobs = [], [], []
+        for p, out in zip(prompts, outs):
+            for c in out.outputs:
+                expanded.append(list(p))
+                responses.append(list(c.token_ids))
+                logprobs.append([step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)])
+        return RolloutBatch.from_lists(expanded, responses, self.pad_token_id, logprobs)
+
+    def _generate_mixed(self, prompts, settings, stop, rng) -> RolloutBatch:
+        if self.teacher is None:
+            raise ValueError(f"rollout: mix_alpha={settings.mix_alpha} needs a teacher; "
+                             "build the backend with teacher_path=...")
+        expanded = [list(p) for p in prompts for _ in range(settings.n)]
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)  # the z draws
+        responses = alternating_mixed_sample(VllmTokenEngine(self.llm, settings, rng),
+                                             VllmTokenEngine(self.teacher, settings, rng), expanded,
+                                             settings.max_new_tokens, settings.mix_alpha, stop)
+        batch = RolloutBatch.from_lists(expanded, responses, self.pad_token_id, source="mixed",
+                                        mix_alpha=settings.mix_alpha)
+        batch.student_logprobs = self.logprobs(batch)  # raw log q; the teacher tokens have no engine log q
+        return batch
+
+    def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        """(N, T) float32 raw log q(y_t) of the batch's response tokens (vLLM prompt_logprobs)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        rows = [batch.sequences[i, :int(batch.prompt_lens[i] + batch.response_lens[i])].tolist()
+                for i in range(len(batch))]
+        outs = self.llm.generate([_tokens_prompt(r) for r in rows], params, use_tqdm=False)
+        lp = torch.zeros(len(batch), batch.max_response_len)
+        for i, (row, out) in enumerate(zip(rows, outs)):
+            P = int(batch.prompt_lens[i])
+            # prompt_logprobs[j] scores token j given tokens < j (entry 0 is None)
+            lp[i, :len(row) - P] = torch.tensor([out.prompt_logprobs[j][row[j]].logprob for j in range(P, len(row))])
+        return lp
+
+    # ---- weight sync --------------------------------------------------------------------------
+
+    def load_bucket(self, flat: torch.Tensor, metas: list[TensorMeta]) -> int:
+        n = self.llm.collective_rpc("load_bucket_flat", args=(flat_to_bytes(flat), metas))[0]
+        self.llm.reset_prefix_cache()
+        return n
+
+    def load_bucket_ipc(self, handle: bytes, metas: list[TensorMeta]) -> int:
+        n = self.llm.collective_rpc("load_bucket_ipc", args=(handle, metas))[0]
+        self.llm.reset_prefix_cache()
+        return n
+
+    def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int):
+        self.llm.collective_rpc("init_weight_update_group", args=(master_address, master_port, rank_offset, world_size))
+
+    def load_bucket_nccl(self, metas: list[TensorMeta]) -> int:
+        n = self.llm.collective_rpc("load_bucket_nccl", args=(metas,))[0]
+        self.llm.reset_prefix_cache()
+        return n
+
+    def weights_checksum(self) -> float:
+        return self.llm.collective_rpc("weights_checksum")[0]
+
+    # ---- single-GPU mode ----------------------------------------------------------------------
+
+    def sleep(self, level: int = 1) -> None:
+        """Level 1 offloads weights to CPU and drops the KV cache; level 2 drops the weights too."""
+        self.llm.sleep(level=level)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+        self.llm.reset_prefix_cache()
+
+
+# ---- learner side -------------------------------------------------------------------------------
+
+
+def flat_to_bytes(flat: torch.Tensor) -> bytes:
+    """A flat bucket's raw bytes (any dtype, bf16 included): plain data for vLLM's RPC encoder."""
+    return flat.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+
+
+def ipc_handle(flat: torch.Tensor) -> bytes:
+    """Pickled (rebuild fn, args) of a CUDA flat bucket, for `load_bucket_ipc` on the same GPU.
+
+    The learner must keep `flat` alive (and unmodified) until the call returns.
+    """
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    if not flat.is_cuda:
+        raise ValueError(f"ipc_handle needs a CUDA tensor, got one on {flat.device}")
+    return pickle.dumps(reduce_tensor(flat))
+
+
+class LearnerNcclSender:
+    """Learner rank 0's end of the NCCL weight-sync group (vLLM's RLHF example layout).
+
+    world_size = 1 + the engines' total GPU count; engine workers join with rank_offset=1 at the same
+    time (call `RolloutWorker.init_weight_update_group.remote(...)` first, then construct this).
+    """
+
+    def __init__(self, master_address: str, master_port: int, world_size: int, device: torch.device):
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        pg = StatelessProcessGroup.create(host=master_address, port=master_port, rank=0, world_size=world_size)
+        self.comm = PyNcclCommunicator(pg, device=device)
+
+    def broadcast(self, flat: torch.Tensor) -> None:
+        self.comm.broadcast(flat, src=0, stream=torch.cuda.current_stream())

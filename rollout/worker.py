@@ -1,0 +1,86 @@
+"""The rollout worker: one Ray actor interface over the `hf` and `vllm` backends."""
+from __future__ import annotations
+
+from typing import Optional
+
+import ray
+import torch
+
+from rollout.types import RolloutBatch, SamplingSettings
+from rollout.weight_sync import TensorMeta
+
+
+class RolloutWorker:
+    """Samples from the current student and takes new weights from the learner.
+
+    Protocol (the actor's public methods):
+      generate(prompts, settings) -> RolloutBatch     token ids in, token ids + log q out
+      logprobs(batch) -> (N, T) tensor                 log q of given tokens under current weights
+      update_weights(buckets) -> int                   [(flat ref, metas)], one per bucket
+      weights_version() -> int                         how many syncs this worker has taken
+    """
+
+    def __init__(self, model_path: str, backend: str = "hf", dtype: str = "float32", device: str = "cpu",
+                 teacher_path: Optional[str] = None, **backend_kwargs):
+        """teacher_path: teacher checkpoint for teacher-mixed sampling (`SamplingSettings.mix_alpha` > 0)."""
+        torch.set_num_threads(max(1, int(backend_kwargs.pop("num_threads", 1))))
+        if backend == "hf":
+            from rollout.hf_backend import HFRolloutBackend
+            self.backend = HFRolloutBackend(model_path, dtype=dtype, device=device, teacher_path=teacher_path,
+                                            teacher_dtype=backend_kwargs.pop("teacher_dtype", None))
+        elif backend == "vllm":
+            from rollout.vllm_backend import VllmRolloutBackend
+            self.backend = VllmRolloutBackend(model_path, dtype=dtype, teacher_path=teacher_path, **backend_kwargs)
+        else:
+            raise ValueError(f"rollout backend must be 'hf' or 'vllm', got {backend!r}")
+        self.version = 0
+
+    def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> RolloutBatch:
+        return self.backend.generate(prompts, settings)
+
+    def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        return self.backend.logprobs(batch)
+
+    def update_weights(self, buckets: list[tuple]) -> int:
+        """Load every bucket; `buckets` holds (flat tensor or ObjectRef, metas) pairs."""
+        n = 0
+        for flat, metas in buckets:
+            if isinstance(flat, ray.ObjectRef):
+                flat = ray.get(flat)
+            n += self.backend.load_bucket(flat, metas)
+        self.version += 1
+        return n
+
+    def weights_version(self) -> int:
+        return self.version
+
+    # ---- GPU-only extras (vllm backend) ------------------------------------------------------
+
+    def update_weights_ipc(self, buckets: list[tuple[bytes, list[TensorMeta]]]) -> int:
+        """Same GPU as the learner: (pickled CUDA IPC handle from `rollout.vllm_backend.ipc_handle`, metas)."""
+        n = sum(self.backend.load_bucket_ipc(handle, metas) for handle, metas in buckets)
+        self.version += 1
+        return n
+
+    def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
+        """Separate GPUs: join the NCCL group whose rank 0 is the learner (`LearnerNcclSender`)."""
+        self.backend.init_weight_update_group(master_address, master_port, rank_offset, world_size)
+
+    def update_weights_nccl(self, bucket_metas: list[list[TensorMeta]]) -> int:
+        """Receive each bucket by NCCL broadcast; the learner broadcasts them in the same order."""
+        n = sum(self.backend.load_bucket_nccl(metas) for metas in bucket_metas)
+        self.version += 1
+        return n
+
+    def sleep(self, level: int = 1) -> None:
+        """Single-GPU mode: free the engine's GPU memory while the learner trains."""
+        self.backend.sleep(level)
+
+    def wake_up(self) -> None:
+        self.backend.wake_up()
+
+    def ready(self) -> bool:
+        return True
+
+
+RolloutWorkerActor = ray.remote(RolloutWorker)

@@ -1,0 +1,110 @@
+"""HTTP teacher: one model replica behind a small FastAPI app (API reference: teacher/API.md).
+
+Routes (api version 1):
+    GET  /v1/health  -> {"status": "ok"}
+    GET  /v1/info    -> {model_name, vocab_size, tokenizer_len, max_context, special_token_ids, api_version, ...}
+    POST /v1/score   body: safetensors (sequences, prompt_lens, response_lens + metadata topk, return_full,
+                     temperature, values_dtype) -> safetensors (token_logprobs [, topk_ids, topk_logprobs, full_logprobs])
+
+Errors are JSON ``{"detail": message}``: 400 malformed body, 413 body too large or sequence
+longer than the model's context, 422 invalid lengths (empty response, span beyond L, ...).
+
+Run it:  ``python -m teacher.http_service --model-path /ckpt/teacher --port 8000 --device cuda --dtype bfloat16``
+or from Python: ``serve_teacher(model_path, host, port, device, dtype, token_budget)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from teacher.wire import API_VERSION, MEDIA_TYPE, WireFormatError, decode_request, encode_scores
+
+DEFAULT_MAX_BODY_BYTES = 256 * 2**20  # 256 MiB ~ 32M int64 tokens in the request
+
+
+def create_app(model, info: dict, token_budget: int = 16384, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    """FastAPI app around an already-loaded model; ``info`` comes from ``teacher.loading.describe_teacher``."""
+    from teacher.loading import parse_dtype
+    from teacher.scoring import score_sequences
+
+    app = FastAPI(title="minillm teacher", version=API_VERSION)
+    # One forward at a time: concurrent requests would multiply activation memory.
+    lock = threading.Lock()
+    max_context = info.get("max_context")
+
+    def error(status: int, message: str):
+        return JSONResponse(status_code=status, content={"detail": message})
+
+    @app.get("/v1/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/info")
+    def get_info():
+        return {**info, "api_version": API_VERSION, "media_type": MEDIA_TYPE, "token_budget": token_budget}
+
+    @app.post("/v1/score")
+    async def score(request: Request):
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+            return error(413, f"request body of {declared} bytes exceeds the server limit {max_body_bytes}; split the batch.")
+        body = await request.body()
+        if len(body) > max_body_bytes:
+            return error(413, f"request body of {len(body)} bytes exceeds the server limit {max_body_bytes}; split the batch.")
+        try:
+            req, values_dtype = decode_request(body)
+            dtype = parse_dtype(values_dtype)
+        except (WireFormatError, ValueError) as e:
+            return error(400, str(e))
+        if max_context is not None:
+            too_long = (req.prompt_lens + req.response_lens) > max_context
+            if bool(too_long.any()):
+                rows = too_long.nonzero().flatten().tolist()[:8]
+                return error(413, f"sequence longer than the teacher's max context {max_context} in rows {rows}; truncate prompts or lower the generation max length.")
+
+        def run():
+            with lock:
+                return score_sequences(
+                    model, req.sequences, req.prompt_lens, req.response_lens, topk=req.topk, return_full=req.return_full,
+                    values_dtype=dtype, token_budget=token_budget, temperature=req.temperature,
+                )
+
+        try:
+            scores = await run_in_threadpool(run)
+        except ValueError as e:
+            return error(422, str(e))
+        return Response(content=encode_scores(scores), media_type=MEDIA_TYPE)
+
+    return app
+
+
+def serve_teacher(model_path: str, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", dtype: str = "bfloat16", token_budget: int = 16384) -> None:
+    """Load the teacher from a local folder and serve it (blocks). CLI hook for ``minillm serve-teacher``."""
+    import uvicorn
+
+    from teacher.loading import describe_teacher, load_teacher, load_tokenizer_if_present
+
+    model = load_teacher(model_path, device, dtype)
+    info = describe_teacher(model, model_path, load_tokenizer_if_present(model_path))
+    uvicorn.run(create_app(model, info, token_budget), host=host, port=port, log_level="warning")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Serve a teacher model over HTTP (see teacher/API.md).")
+    ap.add_argument("--model-path", required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--token-budget", type=int, default=16384)
+    a = ap.parse_args(argv)
+    serve_teacher(a.model_path, a.host, a.port, a.device, a.dtype, a.token_budget)
+
+
+if __name__ == "__main__":
+    main()

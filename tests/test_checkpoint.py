@@ -1,0 +1,229 @@
+"""Checkpoint layout helpers: commit/rotation/latest, corruption fallbacks, a SIGKILL mid-save, RNG."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trainer import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _save(root: Path, step: int, keep_last=None, payload: bytes = b"x" * 100, big: int = 0) -> Path:
+    """A checkpoint with the layout's parts (fake DeepSpeed files) at `step`."""
+    tmp = ckpt.begin(root, step)
+    ds = ckpt.deepspeed_dir(tmp) / ckpt.DS_TAG
+    ds.mkdir(parents=True)
+    (ds / "mp_rank_00_model_states.pt").write_bytes(payload + step.to_bytes(4, "little"))
+    if big:
+        (ds / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(os.urandom(big))
+    ckpt.save_rng(tmp, rank=0)
+    ckpt.save_trainer_state(tmp, {"step": step, "metrics": [{"loss": 1.0 / (step + 1)}]})
+    return ckpt.commit(root, tmp, step, keep_last=keep_last)
+
+
+def test_commit_layout_latest_and_manifest(tmp_path):
+    root = tmp_path / "checkpoints"
+    final = _save(root, 3)
+    assert final == root / "step_00000003"
+    assert (root / "latest").read_text().strip() == "step_00000003"
+    assert not list(root.glob(".tmp-*"))
+    manifest = json.loads((final / "MANIFEST.json").read_text())
+    listed = {e["path"]: e for e in manifest["files"]}
+    on_disk = {p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_file()} - {"MANIFEST.json"}
+    assert set(listed) == on_disk
+    assert {"deepspeed/state/mp_rank_00_model_states.pt", "rng/rank_0.pt", "trainer_state.json"} <= on_disk
+    assert all("sha256" in e for e in listed.values())  # all small here
+    assert ckpt.is_complete(final) == (True, "ok")
+    assert ckpt.find_latest(root) == final
+    assert ckpt.load_trainer_state(final)["step"] == 3
+
+
+def test_large_files_are_sized_not_hashed(tmp_path, monkeypatch):
+    monkeypatch.setattr(ckpt, "HASH_LIMIT", 1000)
+    final = _save(tmp_path, 1, big=5000)
+    entries = {e["path"]: e for e in json.loads((final / "MANIFEST.json").read_text())["files"]}
+    big = entries["deepspeed/state/zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    assert big["size"] == 5000 and "sha256" not in big
+
+
+def test_rotation_keeps_last_n_and_removes_stale_tmp(tmp_path):
+    root = tmp_path / "checkpoints"
+    stale = ckpt.begin(root, 99)  # a crashed save of a later step
+    (stale / "junk").write_text("partial")
+    for step in (1, 2, 3, 4):
+        _save(root, step, keep_last=2)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000003", "step_00000004"]
+
+
+def test_rotation_never_counts_corrupt_checkpoints(tmp_path):
+    root = tmp_path / "checkpoints"
+    _save(root, 1)
+    _save(root, 2)
+    (root / "step_00000002" / "MANIFEST.json").unlink()  # corrupt: must not push step 1 out
+    _save(root, 3, keep_last=2)
+    assert {"step_00000001", "step_00000003"} <= {p.name for p in root.iterdir()}
+
+
+def test_resave_same_step_replaces_it(tmp_path):
+    _save(tmp_path, 5, payload=b"old")
+    final = _save(tmp_path, 5, payload=b"new")
+    assert (final / "deepspeed/state/mp_rank_00_model_states.pt").read_bytes().startswith(b"new")
+    assert ckpt.is_complete(final)[0] and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_begin_removes_stale_tmp(tmp_path):
+    tmp = ckpt.begin(tmp_path, 7)
+    (tmp / "half.pt").write_bytes(b"123")
+    assert list(ckpt.begin(tmp_path, 7).iterdir()) == []
+
+
+def test_commit_rejects_bad_keep_last(tmp_path):
+    tmp = ckpt.begin(tmp_path, 1)
+    with pytest.raises(ValueError, match="keep_last must be >= 1 or None, got 0"):
+        ckpt.commit(tmp_path, tmp, 1, keep_last=0)
+
+
+@pytest.mark.parametrize("corruption,reason", [
+    ("truncate", "has 50 bytes, manifest says"),
+    ("no_manifest", "no MANIFEST.json"),
+    ("missing_file", "missing file rng/rank_0.pt"),
+    ("same_size_garbage", "sha256 differs"),
+    ("bad_manifest", "unreadable MANIFEST.json"),
+])
+def test_corrupt_latest_falls_back_to_previous(tmp_path, corruption, reason):
+    root = tmp_path / "checkpoints"
+    prev = _save(root, 1)
+    bad = _save(root, 2)
+    target = bad / "deepspeed/state/mp_rank_00_model_states.pt"
+    if corruption == "truncate":
+        target.write_bytes(b"y" * 50)
+    elif corruption == "no_manifest":
+        (bad / "MANIFEST.json").unlink()
+    elif corruption == "missing_file":
+        (bad / "rng/rank_0.pt").unlink()
+    elif corruption == "same_size_garbage":
+        target.write_bytes(b"z" * target.stat().st_size)
+    else:
+        (bad / "MANIFEST.json").write_text("{not json")
+    ok, why = ckpt.is_complete(bad)
+    assert not ok and reason in why
+    with pytest.warns(RuntimeWarning, match="step_00000002"):
+        assert ckpt.find_latest(root) == prev
+
+
+def test_find_latest_without_pointer_scans_and_skips_tmp(tmp_path):
+    root = tmp_path / "checkpoints"
+    _save(root, 1)
+    second = _save(root, 2)
+    (root / "latest").unlink()  # crash between the rename and the pointer update
+    (root / ".tmp-step_00000003").mkdir()
+    assert ckpt.find_latest(root) == second
+    assert ckpt.find_latest(tmp_path / "nowhere") is None
+
+
+def test_find_latest_none_when_all_corrupt(tmp_path):
+    first = _save(tmp_path, 1)
+    (first / "MANIFEST.json").unlink()
+    with pytest.warns(RuntimeWarning, match="no MANIFEST.json"):
+        assert ckpt.find_latest(tmp_path) is None
+
+
+# The child saves step 2 the way the learner does (begin, then slow, large writes) and would
+# commit at the end; it prints "writing" once the temp dir has data, and is SIGKILLed mid-write.
+_KILLED_CHILD = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, {root!r})
+    from trainer import checkpoint as ckpt
+    tmp = ckpt.begin({ckpts!r}, 2)
+    ds = ckpt.deepspeed_dir(tmp) / ckpt.DS_TAG
+    ds.mkdir(parents=True)
+    with open(ds / "zero_pp_rank_0_mp_rank_00_optim_states.pt", "wb") as f:
+        for i in range(1000):
+            f.write(os.urandom(1 << 20))
+            f.flush()
+            if i == 2:
+                print("writing", flush=True)
+            time.sleep(0.05)
+    ckpt.commit({ckpts!r}, tmp, 2, keep_last=1)
+""")
+
+
+def test_sigkill_mid_save_keeps_previous_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    prev = _save(root, 1, keep_last=1)
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD.format(root=str(ROOT), ckpts=str(root))],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "writing"
+        time.sleep(0.2)
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+    partial = root / ".tmp-step_00000002"
+    assert partial.is_dir() and (partial / "deepspeed/state/zero_pp_rank_0_mp_rank_00_optim_states.pt").stat().st_size > 0
+    assert (root / "latest").read_text().strip() == "step_00000001"
+    assert ckpt.find_latest(root) == prev
+    assert ckpt.load_trainer_state(prev)["step"] == 1
+    ckpt.load_rng(prev, rank=0)
+    # The next save of that step (a resumed run) starts clean and rotation drops the partial dir.
+    assert list(ckpt.begin(root, 2).iterdir()) == []
+    new = _save(root, 2, keep_last=1)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", new.name]
+
+
+def _draws():
+    return (random.random(), np.random.rand(), torch.rand(3).tolist(), torch.randint(0, 1000, (2,)).tolist())
+
+
+def test_rng_capture_restore_reproduces_draws(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    _draws()
+    state = ckpt.capture_rng()
+    expected = _draws()
+    assert _draws() != expected  # the generators moved on
+    ckpt.restore_rng(state)
+    assert _draws() == expected
+    ckpt.restore_rng(state)
+    ckpt.save_rng(tmp_path, rank=3)
+    _draws()
+    ckpt.load_rng(tmp_path, rank=3)
+    assert _draws() == expected
+    with pytest.raises(FileNotFoundError, match="rank 4"):
+        ckpt.load_rng(tmp_path, rank=4)
+
+
+def test_trainer_state_rejects_tensors(tmp_path):
+    state = {"step": 4, "data": {"epoch": 0, "index": 17}, "mixer": {"rng": [1, 2]}, "loss": float("nan")}
+    ckpt.save_trainer_state(tmp_path, state)
+    loaded = ckpt.load_trainer_state(tmp_path)
+    assert loaded["data"] == {"epoch": 0, "index": 17} and np.isnan(loaded["loss"])
+    with pytest.raises(TypeError, match=r"got a Tensor .*\.item\(\)"):
+        ckpt.save_trainer_state(tmp_path, {"loss": torch.tensor(1.0)})
+    assert ckpt.load_trainer_state(tmp_path)["step"] == 4  # the failed save left the old file
+
+
+def test_save_student_files(tmp_path):
+    from transformers import AutoConfig, AutoTokenizer, LlamaConfig
+
+    config = LlamaConfig(vocab_size=75, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, eos_token_id=2, bos_token_id=1)
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "launch/assets/tokenizer")
+    out = ckpt.save_student_files(tmp_path, config, None, tokenizer)
+    assert out == tmp_path / "student"
+    assert {"config.json", "generation_config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert AutoConfig.from_pretrained(out).hidden_size == 32
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2

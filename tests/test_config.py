@@ -1,0 +1,76 @@
+"""Config validation: bad keys, types and values fail before any model loads, naming the key."""
+import subprocess
+import sys
+
+import pytest
+
+from launch.config import ConfigError, RunConfig, config_from_dict, load_config, resolve_path, ASSETS_DIR
+
+
+def test_embedded_default_loads_and_points_at_shipped_assets():
+    cfg = load_config()
+    assert isinstance(cfg, RunConfig)
+    assert cfg.objective.name == "minillm"
+    for path in (cfg.model.teacher, cfg.model.student, cfg.data.prompts, cfg.data.eval_prompts):
+        assert resolve_path(path).startswith(str(ASSETS_DIR))
+    assert (ASSETS_DIR / "tiny-teacher" / "model.safetensors").exists()
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(None, ["trainer.lr=1e-5", "rollout.max_new_tokens=7", "objective.whiten=true", "cluster.address=auto"])
+    assert cfg.trainer.lr == 1e-5 and isinstance(cfg.trainer.lr, float)
+    assert cfg.rollout.max_new_tokens == 7
+    assert cfg.objective.whiten is True
+    assert cfg.cluster.address == "auto"
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("trainer.lrr=1e-5", "trainer.lrr (did you mean trainer.lr?)"),
+    ("trainr.lr=1e-5", "unknown config key trainr"),
+    ("trainer.lr=fast", "trainer.lr must be a number, got 'fast'"),
+    ("trainer.lr=0", "trainer.lr must be in (0.0, inf], got 0.0"),
+    ("trainer.zero_stage=4", "trainer.zero_stage must be one of 0, 1, 2, 3, got 4"),
+    ("trainer.steps=2.5", "trainer.steps must be an integer, got 2.5"),
+    ("objective.name=kl", "objective.name must be one of 'minillm', 'gkd'"),
+    ("objective.beta=1.5", "objective.beta must be in [0.0, 1.0], got 1.5"),
+    ("objective.whiten=maybe", "objective.whiten must be true or false, got 'maybe'"),
+    ("rollout.backend=sglang", "rollout.backend must be one of 'hf', 'vllm', got 'sglang'"),
+    ("rollout.mix_alpha=-0.1", "rollout.mix_alpha must be in [0.0, 1.0], got -0.1"),
+    ("trainer.lr", "must look like section.key=value"),
+])
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert needle in str(e.value)
+
+
+def test_cross_field_rules():
+    with pytest.raises(ConfigError, match="rollout.backend=vllm needs a GPU"):
+        load_config(None, ["rollout.backend=vllm"])
+    with pytest.raises(ConfigError, match="needs data.pretrain"):
+        load_config(None, ["objective.pt_weight=0.5"])
+    with pytest.raises(ConfigError, match="teacher.url is required"):
+        load_config(None, ["teacher.backend=http", "teacher.return_full=false"])
+    with pytest.raises(ConfigError, match="mix_alpha .* is for objective.name=minillm"):
+        load_config(None, ["objective.name=gkd", "rollout.mix_alpha=0.2"])
+
+
+def test_unknown_section_and_non_mapping():
+    with pytest.raises(ConfigError, match="unknown config key 'nope'|unknown config key nope"):
+        config_from_dict({"nope": {}})
+    with pytest.raises(ConfigError, match="trainer must be a mapping"):
+        config_from_dict({"trainer": 3})
+
+
+def test_missing_config_file_lists_shipped_configs():
+    with pytest.raises(ConfigError, match="cpu_tiny"):
+        load_config("no_such_config")
+
+
+def test_cli_rejects_bad_key_before_loading_anything(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "train", "trainer.lrr=1", f"output_dir={out}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown config key trainer.lrr" in proc.stderr
+    assert not out.exists()  # nothing half-written

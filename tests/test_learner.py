@@ -1,0 +1,88 @@
+"""The DeepSpeed learner as a Ray actor: one update changes the student, and the new weights reach
+the rollout worker exactly (its log-probs equal the learner's after a sync)."""
+import dataclasses
+
+import pytest
+import ray
+import torch
+
+from launch.config import load_config, resolve_path
+from launch.placement import create_placement, release
+from rollout.types import SamplingSettings
+from trainer.loop import generate, score, start_learners, start_rollout, start_teacher, sync_weights, train_on
+
+
+@pytest.fixture(scope="module")
+def roles(tmp_path_factory):
+    ray.init(num_cpus=6, include_dashboard=False)
+    cfg = load_config(None, ["rollout.num_cpus=1", "teacher.num_cpus=1", "trainer.num_cpus=1", "rollout.prompts_per_step=4",
+                             "rollout.max_new_tokens=6", "trainer.warmup_steps=0"])
+    placement = create_placement(cfg)
+    learners = start_learners(cfg, placement["learner"])
+    init_dir = tmp_path_factory.mktemp("init")
+    ray.get([lr.save_hf.remote(str(init_dir)) for lr in learners])
+    workers = start_rollout(cfg, placement["rollout"], str(init_dir))
+    teacher = start_teacher(cfg, placement["teacher"])
+    yield cfg, learners, workers, teacher
+    teacher.shutdown()
+    release(placement)
+    ray.shutdown()
+
+
+def _prompts():
+    return [[1, 5, 42], [1, 66, 10, 16], [1, 7], [1, 20, 21, 22, 23]]
+
+
+def test_update_changes_student_and_sync_reaches_rollout(roles):
+    cfg, learners, workers, teacher = roles
+    settings = SamplingSettings(max_new_tokens=6, eos_token_id=2, seed=3)
+    batch = generate(workers, _prompts(), settings)
+    # before any update the worker and the learner hold the same weights
+    lp_learner = ray.get(learners[0].logprobs.remote(batch))
+    torch.testing.assert_close(lp_learner, batch.student_logprobs, rtol=0, atol=1e-5)
+
+    before = ray.get(learners[0].state_dict_cpu.remote())
+    metrics = train_on(learners, batch, score(teacher, batch, cfg), None)
+    after = ray.get(learners[0].state_dict_cpu.remote())
+    assert torch.isfinite(torch.tensor(metrics["loss"]))
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) == len(before), f"unchanged tensors: {set(before) - set(changed)}"
+
+    # the worker is stale until the sync ...
+    lp_new = ray.get(learners[0].logprobs.remote(batch))
+    lp_worker_stale = ray.get(workers[0].logprobs.remote(batch))
+    assert (lp_new - lp_worker_stale).abs().max() > 1e-4
+    # ... and exact after it
+    n = sync_weights(learners, workers, bucket_mb=1)
+    assert n == len(after)
+    lp_worker = ray.get(workers[0].logprobs.remote(batch))
+    torch.testing.assert_close(lp_worker, lp_new, rtol=0, atol=1e-6)
+    assert ray.get(workers[0].weights_version.remote()) == 1
+
+
+def test_rollout_logprobs_equal_direct_forward(roles):
+    """Tokens and log-probs from the Ray rollout actor equal an independent forward of the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    cfg, learners, workers, _ = roles
+    batch = generate(workers, _prompts(), SamplingSettings(max_new_tokens=5, eos_token_id=2, seed=11, n=2))
+    assert len(batch) == 8
+    sd = ray.get(learners[0].state_dict_cpu.remote())
+    model = AutoModelForCausalLM.from_pretrained(resolve_path(cfg.model.teacher))  # any Llama of the family...
+    student_cfg = __import__("transformers").AutoConfig.from_pretrained(resolve_path(cfg.model.student))
+    model = AutoModelForCausalLM.from_config(student_cfg)
+    model.load_state_dict(sd)
+    model.eval()
+    for i in range(len(batch)):
+        p, r = int(batch.prompt_lens[i]), int(batch.response_lens[i])
+        seq = batch.sequences[i, :p + r][None]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(seq).logits[0].double(), -1)
+        expect = logp[p - 1:p + r - 1].gather(-1, seq[0, p:p + r, None])[:, 0]
+        torch.testing.assert_close(batch.student_logprobs[i, :r].double(), expect, rtol=0, atol=2e-5)
+        assert (batch.student_logprobs[i, r:] == 0).all()
+    # prompts come back in order, each repeated n times
+    for k, p in enumerate(_prompts()):
+        for j in range(2):
+            row = 2 * k + j
+            assert batch.sequences[row, :len(p)].tolist() == p and int(batch.prompt_lens[row]) == len(p)

@@ -1,0 +1,110 @@
+"""HTTP teacher in a real uvicorn subprocess: equals direct log_softmax; errors; client retries."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+from teacher.http_client import HttpTeacherClient, TeacherUnavailableError
+from teacher.testing import random_batch, reference_scores, save_tiny_teacher, tiny_llama
+from teacher.wire import MEDIA_TYPE, decode_request, encode_request
+from teacher.types import ScoreRequest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ATOL = 1e-5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    path = save_tiny_teacher(str(tmp_path_factory.mktemp("teacher")))
+    port = free_port()
+    cmd = [sys.executable, "-m", "teacher.http_service", "--model-path", path, "--port", str(port), "--dtype", "float32", "--token-budget", "64"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(url + "/v1/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    c = HttpTeacherClient(server, timeout=30, retries=1, backoff=0.05)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def batch_and_ref():
+    batch = random_batch(9, 64, seed=3)
+    return batch, reference_scores(tiny_llama(), *batch, topk=6)
+
+
+def test_http_matches_direct(client, batch_and_ref):
+    batch, ref = batch_and_ref
+    out = client.score(*batch, topk=6, return_full=True)
+    torch.testing.assert_close(out.token_logprobs, ref.token_logprobs, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.full_logprobs, ref.full_logprobs, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.topk_logprobs, ref.topk_logprobs, atol=ATOL, rtol=0)
+    assert torch.equal(out.topk_ids, ref.topk_ids) and out.topk_ids.dtype == torch.int32
+    plain = client.score(*batch)
+    assert plain.topk_ids is None and plain.full_logprobs is None
+
+
+def test_info_and_health(client):
+    info = client.vocab_info()
+    assert info["vocab_size"] == 64 and info["max_context"] == 128 and info["api_version"] == "1"
+    assert info["special_token_ids"] == {"bos": 1, "eos": 2, "pad": 0, "unk": None}
+    assert client.health()
+
+
+def test_http_errors(server, batch_and_ref):
+    (seqs, p, r), _ = batch_and_ref
+    post = lambda body: httpx.post(server + "/v1/score", content=body, headers={"content-type": MEDIA_TYPE}, timeout=10)
+    bad = post(b"not safetensors at all")
+    assert bad.status_code == 400 and "safetensors" in bad.json()["detail"]
+    empty = post(encode_request(ScoreRequest(seqs, p, torch.where(torch.arange(9) == 2, 0, r))))
+    assert empty.status_code == 422 and "empty response in rows [2]" in empty.json()["detail"]
+    long = torch.full((1, 300), 5)
+    too_long = post(encode_request(ScoreRequest(long, torch.tensor([150]), torch.tensor([150]))))
+    assert too_long.status_code == 413 and "max context 128" in too_long.json()["detail"]
+
+
+def test_client_raises_value_error_on_4xx(client, batch_and_ref):
+    long = torch.full((1, 300), 5)
+    with pytest.raises(ValueError, match="HTTP 413"):
+        client.score(long, torch.tensor([150]), torch.tensor([150]))
+
+
+def test_unreachable_port_retries_then_clear_error():
+    url = f"http://127.0.0.1:{free_port()}"
+    c = HttpTeacherClient(url, timeout=2, retries=3, backoff=0.01)
+    t0 = time.monotonic()
+    with pytest.raises(TeacherUnavailableError, match=f"{url}/v1/info unavailable after 4 attempts"):
+        c.vocab_info()
+    assert time.monotonic() - t0 < 5
+
+
+def test_wire_roundtrip():
+    seqs, p, r = random_batch(3, 64)
+    req, vd = decode_request(encode_request(ScoreRequest(seqs, p, r, topk=7, return_full=True, temperature=0.5), "bfloat16"))
+    assert torch.equal(req.sequences, seqs) and req.topk == 7 and req.return_full and req.temperature == 0.5 and vd == "bfloat16"

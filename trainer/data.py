@@ -1,0 +1,94 @@
+"""Prompt data: local jsonl/parquet or a cached Hugging Face dataset, tokenised once, validated early."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Optional
+
+from launch.config import ConfigError, DataConfig, resolve_path
+
+
+def read_records(spec: str) -> list[dict]:
+    """Rows of a `.jsonl`/`.parquet` file, or of `hf:NAME[:SPLIT]` (from the local datasets cache)."""
+    if spec.startswith("hf:"):
+        try:
+            import datasets
+        except ImportError as e:
+            raise ConfigError(f"data source {spec!r} needs the `datasets` package: pip install datasets") from e
+        name, _, split = spec[3:].partition(":")
+        return list(datasets.load_dataset(name, split=split or "train"))
+    path = Path(resolve_path(spec))
+    if not path.exists():
+        raise ConfigError(f"data file {spec!r} not found (resolved to {path})")
+    if path.suffix == ".jsonl":
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        return pq.read_table(path).to_pylist()
+    raise ConfigError(f"data file {spec!r}: expected .jsonl or .parquet, or hf:NAME[:SPLIT]")
+
+
+class PromptData:
+    """Tokenised prompts (and, where present, the dataset's responses), served in a seeded order.
+
+    The position (epoch, cursor) is part of the checkpoint so a resumed run draws the same prompts.
+    """
+
+    def __init__(self, records: list[dict], tokenizer, cfg: DataConfig, source: str, seed: int = 0,
+                 limit: Optional[int] = None):
+        if not records:
+            raise ConfigError(f"{source}: no rows")
+        if limit is not None:
+            records = records[:limit]
+        self.prompts: list[list[int]] = []
+        self.responses: list[Optional[list[int]]] = []
+        for i, row in enumerate(records):
+            if cfg.prompt_key not in row:
+                raise ConfigError(f"{source} row {i} has no field {cfg.prompt_key!r} (data.prompt_key); "
+                                  f"fields: {', '.join(row)}")
+            ids = encode_prompt(tokenizer, row[cfg.prompt_key], cfg.chat_template)
+            if len(ids) > cfg.max_prompt_len:
+                raise ConfigError(f"{source} row {i}: prompt of {len(ids)} tokens exceeds data.max_prompt_len="
+                                  f"{cfg.max_prompt_len}; raise it or shorten the prompt")
+            self.prompts.append(ids)
+            resp = row.get(cfg.response_key)
+            self.responses.append(None if resp is None else
+                                  tokenizer(resp, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+        self.seed, self.epoch, self.cursor = seed, 0, 0
+        self.order = self._order()
+
+    def _order(self) -> list[int]:
+        idx = list(range(len(self.prompts)))
+        random.Random(self.seed + self.epoch).shuffle(idx)
+        return idx
+
+    def next_indices(self, n: int) -> list[int]:
+        out = []
+        while len(out) < n:
+            if self.cursor == len(self.order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self.order = self._order()
+            out.append(self.order[self.cursor])
+            self.cursor += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self.order = self._order()
+
+
+def encode_prompt(tokenizer, prompt, chat_template: bool) -> list[int]:
+    if chat_template:
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        if tokenizer.chat_template is None:
+            raise ConfigError("data.chat_template=true but the tokenizer has no chat template")
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    if not isinstance(prompt, str):
+        raise ConfigError(f"prompt must be a string (or chat messages with data.chat_template=true), got {type(prompt).__name__}")
+    return tokenizer(prompt)["input_ids"]

@@ -1,0 +1,248 @@
+"""The learner: DeepSpeed ranks as Ray actors that apply the objectives and update the student.
+
+Each rank is a `Learner` actor. The driver hands every rank its shard of a step's data; ranks split
+it into micro-batches by a token budget, agree on the micro-batch count (ZeRO-3 forwards are
+collective, so every rank must run the same number), accumulate gradients with the loss normalised
+by the *global* token count, and take one optimizer step per inner (PPO) epoch.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import asdict
+from typing import Optional
+
+import torch
+
+from launch.config import ObjectiveConfig, TrainerConfig, resolve_path
+from rollout.forward import response_logits
+from rollout.types import RolloutBatch
+from rollout.weight_sync import TensorMeta, bucket_plan, pack
+from teacher.types import TeacherScores
+from trainer.objective import lm_batch_loss, objective_loss, select_scores
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def node_address() -> tuple[str, int]:
+    """This node's IP and a free port, for rank 0's rendezvous."""
+    import ray
+    return ray.util.get_node_ip_address(), free_port()
+
+
+def split_by_tokens(lengths: list[int], budget: int) -> list[list[int]]:
+    """Consecutive index groups whose padded size (rows × longest row) stays within `budget`.
+
+    A single row longer than the budget forms its own group.
+    """
+    groups, current, longest = [], [], 0
+    for i, n in enumerate(lengths):
+        new_longest = max(longest, n)
+        if current and new_longest * (len(current) + 1) > budget:
+            groups.append(current)
+            current, new_longest = [], n
+        current.append(i)
+        longest = new_longest
+    if current:
+        groups.append(current)
+    return groups
+
+
+def deepspeed_config(cfg: TrainerConfig) -> dict:
+    ds = {
+        "train_micro_batch_size_per_gpu": 1,  # micro-batches are sized by tokens, not rows
+        "gradient_accumulation_steps": 1,  # accumulation is driven by set_gradient_accumulation_boundary
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.cpu_offload:
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.device == "cuda"}
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay}}
+    if cfg.zero_stage == 3:
+        ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    return ds
+
+
+class Learner:
+    """One DeepSpeed rank. Public methods are the actor protocol (all ranks are called together)."""
+
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int,
+                 student: str, student_init: str, dtype: str, trainer: dict, objective: dict):
+        self.cfg = TrainerConfig(**trainer)
+        self.obj = ObjectiveConfig(**objective)
+        self.rank, self.world_size = rank, world_size
+        torch.set_num_threads(max(1, int(self.cfg.num_cpus)))
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK="0" if self.cfg.device == "cpu" else str(rank % max(1, torch.cuda.device_count())))
+        import deepspeed
+        import transformers
+
+        backend = "nccl" if self.cfg.device == "cuda" else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        torch.manual_seed(self.cfg.seed)
+        path = resolve_path(student)
+        if student_init == "from_config":
+            config = transformers.AutoConfig.from_pretrained(path)
+            self.model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+        else:
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        if self.cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        schedule = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[self.cfg.lr_schedule]
+
+        def make_scheduler(optimizer):  # handed to DeepSpeed: it steps it and saves it in checkpoints
+            return transformers.get_scheduler(schedule, optimizer, num_warmup_steps=self.cfg.warmup_steps,
+                                              num_training_steps=self.cfg.steps * self.obj.ppo_epochs)
+
+        optimizer = None
+        if not self.cfg.cpu_offload:  # a torch optimizer: no JIT-built DeepSpeed op needed on CPU
+            optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, config=deepspeed_config(self.cfg), lr_scheduler=make_scheduler,
+            model_parameters=None if optimizer is not None else self.model.parameters())
+        self.device = self.engine.device
+        self.global_step = 0
+
+    # ---- training -------------------------------------------------------------------------
+
+    def train_step(self, batch: RolloutBatch, scores: Optional[TeacherScores], global_tokens: int,
+                   pretrain: Optional[RolloutBatch] = None, global_pretrain_tokens: int = 0) -> dict:
+        """One rollout's worth of updates (objective.ppo_epochs optimizer steps).
+
+        Returns {"sums": token-weighted metric sums of the first epoch, "tokens", "lr", "grad_norm"};
+        the driver adds the sums over ranks and divides by the global token count.
+
+        `global_tokens` is the response-token count over all ranks: each rank's loss is a sum over
+        its tokens divided by it, times world_size because DeepSpeed averages gradients over ranks.
+        """
+        self.engine.train()
+        lengths = (batch.prompt_lens + batch.response_lens).tolist()
+        groups = split_by_tokens(lengths, self.cfg.micro_batch_tokens)
+        pt_groups = []
+        if pretrain is not None:
+            pt_groups = split_by_tokens((pretrain.prompt_lens + pretrain.response_lens).tolist(), self.cfg.micro_batch_tokens)
+        n_micro = self._agree_max(max(len(groups), len(pt_groups), 1))
+        sums: dict[str, float] = {}  # first epoch's token-weighted metric sums (on-policy values)
+        for epoch in range(self.obj.ppo_epochs):
+            for i in range(n_micro):
+                loss = torch.zeros((), device=self.device)
+                if i < len(groups):
+                    mb = batch.select(groups[i])
+                    mb_scores = select_scores(scores, groups[i], mb.max_response_len)
+                    loss_mb, metrics = objective_loss(self.engine, mb, mb_scores, self.obj, global_tokens)
+                    loss = loss + loss_mb
+                    if epoch == 0:
+                        n_tok = int(mb.response_lens.sum())
+                        for k, v in metrics.items():
+                            sums[k] = sums.get(k, 0.0) + float(v) * n_tok
+                else:  # an empty slot: keeps collectives in step with ranks that have more data
+                    loss = loss + self._dummy_loss()
+                if i < len(pt_groups) and self.obj.pt_weight > 0:
+                    pt_loss = lm_batch_loss(self.engine, pretrain.select(pt_groups[i]), global_pretrain_tokens)
+                    loss = loss + self.obj.pt_weight * pt_loss
+                    if epoch == 0:  # pt_loss is this rank's share of the global mean: scale like the rest
+                        sums["pt_loss"] = sums.get("pt_loss", 0.0) + float(pt_loss.detach()) * global_tokens
+                self.engine.set_gradient_accumulation_boundary(i == n_micro - 1)
+                self.engine.backward(loss * self.world_size)
+            self.engine.step()  # also steps the LR scheduler
+            self.global_step += 1
+        return {"sums": sums, "tokens": int(batch.response_lens.sum()), "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": float(self.engine.get_global_grad_norm() or 0.0)}
+
+    def _dummy_loss(self) -> torch.Tensor:
+        ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        return self.engine(input_ids=ids).logits.sum() * 0.0
+
+    def _agree_max(self, n: int) -> int:
+        import torch.distributed as dist
+        t = torch.tensor([n], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    # ---- evaluation helpers ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        """(N, T) log q(y_t) under the learner's current weights (all ranks must call under ZeRO-3)."""
+        self.engine.eval()
+        logits = response_logits(self.engine.module, batch).float()
+        lp = torch.log_softmax(logits, -1).gather(-1, batch.response_tokens().to(self.device)[..., None])[..., 0]
+        return lp.masked_fill(~batch.response_mask().to(self.device), 0.0).cpu()
+
+    # ---- weights out -----------------------------------------------------------------------
+
+    def _named_params(self):
+        return list(self.engine.module.named_parameters())
+
+    def export_weights(self, bucket_mb: int) -> list[tuple]:
+        """Pack the weights into flat buckets; rank 0 returns [(ObjectRef, metas)], others [].
+
+        Under ZeRO-3 every rank must call: parameters are gathered one bucket at a time, so no rank
+        ever holds more than one bucket of full parameters beyond its own shard.
+        """
+        import ray
+        import deepspeed
+
+        named = self._named_params()
+        shapes = [(n, getattr(p, "ds_shape", p.shape), p.dtype) for n, p in named]
+        plan = bucket_plan(shapes, bucket_mb * 2**20)
+        by_name = dict(named)
+        out = []
+        for metas in plan:
+            params = [by_name[m["name"]] for m in metas]
+            with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.zero_stage == 3):
+                if self.rank == 0:
+                    flat = pack(params, metas, device="cpu")
+                    out.append((ray.put(flat), metas))
+        return out
+
+    def state_dict_cpu(self) -> dict[str, torch.Tensor]:
+        """Full weights on rank 0 (others: {}), gathered bucket by bucket under ZeRO-3."""
+        import deepspeed
+
+        out = {}
+        for name, p in self._named_params():
+            with deepspeed.zero.GatheredParameters([p], enabled=self.cfg.zero_stage == 3):
+                if self.rank == 0:
+                    out[name] = p.detach().to("cpu", copy=True)
+        return out
+
+    def save_hf(self, out_dir: str) -> Optional[str]:
+        """Write a Hugging Face model folder (safetensors + config + generation config) from rank 0."""
+        sd = self.state_dict_cpu()
+        if self.rank != 0:
+            return None
+        self.engine.module.save_pretrained(out_dir, state_dict=sd, safe_serialization=True)
+        return out_dir
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self, ckpt_dir: str) -> None:
+        """Every rank writes its DeepSpeed shard (model, optimizer, scheduler) and its RNG states."""
+        from trainer import checkpoint as ckpt
+
+        self.engine.save_checkpoint(os.path.join(ckpt_dir, "deepspeed"), tag="state",
+                                    client_state={"global_step": self.global_step})
+        os.makedirs(os.path.join(ckpt_dir, "rng"), exist_ok=True)
+        torch.save(ckpt.capture_rng(), os.path.join(ckpt_dir, "rng", f"rank_{self.rank}.pt"))
+
+    def load_checkpoint(self, ckpt_dir: str) -> int:
+        from trainer import checkpoint as ckpt
+
+        _, client = self.engine.load_checkpoint(os.path.join(ckpt_dir, "deepspeed"), tag="state")
+        if client is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt_dir}")
+        self.global_step = client["global_step"]
+        ckpt.restore_rng(torch.load(os.path.join(ckpt_dir, "rng", f"rank_{self.rank}.pt"), weights_only=False))
+        return self.global_step
+
+    def ready(self) -> dict:
+        return {"rank": self.rank, "world_size": self.world_size, "params": sum(
+            int(torch.tensor(getattr(p, "ds_shape", p.shape)).prod()) for _, p in self._named_params())}

@@ -1,0 +1,444 @@
+"""The training loop (driver): prompts → rollout → teacher scores → loss → update → weight sync.
+
+Synchronous and on-policy: every rollout is sampled with the weights the learner is about to
+update. Roles are Ray actors placed by `launch.placement`; this file only sequences them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import ray
+import torch
+
+from launch.config import RunConfig, resolve_path
+from launch.placement import RolePlacement, create_placement, release
+from minillm.gkd import OnPolicyMixer
+from rollout.types import RolloutBatch, SamplingSettings
+from rollout.worker import RolloutWorkerActor
+from teacher.ray_pool import balance_rows
+from teacher.types import TeacherScores
+from trainer import checkpoint as ckpt
+from trainer.data import PromptData, read_records
+from trainer.evaluate import reverse_kl_estimate
+from trainer.export import export_checkpoint
+from trainer.learner import Learner, node_address
+
+log = logging.getLogger("minillm")
+EVAL_SAMPLES_PER_PROMPT = 4
+
+
+@dataclasses.dataclass
+class Roles:
+    learners: list
+    rollout: list
+    teacher: object  # TeacherPool | HttpTeacherClient | VllmServerTeacherClient
+    teacher_sampler: Optional[object] = None  # a rollout worker on the teacher's weights (seq_kd)
+    placement: Optional[dict[str, RolePlacement]] = None
+
+
+# ---- setup ------------------------------------------------------------------------------------
+
+
+def load_tokenizers(cfg: RunConfig):
+    """The student's tokenizer, checked against the teacher's (if the teacher folder has one)."""
+    from transformers import AutoTokenizer, AutoConfig
+    from teacher.loading import load_tokenizer_if_present
+    from teacher.tokenizer_check import check_tokenizers_compatible
+
+    student_path = resolve_path(cfg.model.tokenizer or cfg.model.student)
+    tok = AutoTokenizer.from_pretrained(student_path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if cfg.teacher.backend == "ray":
+        teacher_path = resolve_path(cfg.model.teacher)
+        teacher_tok = load_tokenizer_if_present(teacher_path)
+        if teacher_tok is not None:
+            check_tokenizers_compatible(
+                tok, teacher_tok,
+                student_vocab_size=AutoConfig.from_pretrained(resolve_path(cfg.model.student)).vocab_size,
+                teacher_vocab_size=AutoConfig.from_pretrained(teacher_path).vocab_size)
+    return tok
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Fail before Ray starts if a model folder is missing."""
+    for key, value in (("model.student", cfg.model.student), ("model.teacher", cfg.model.teacher)):
+        if key == "model.teacher" and cfg.teacher.backend != "ray":
+            continue
+        path = Path(resolve_path(value))
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{key}={value!r}: no config.json in {path}; give a Hugging Face model folder")
+
+
+def start_learners(cfg: RunConfig, placement: RolePlacement) -> list:
+    actor = ray.remote(Learner)
+    n = cfg.trainer.num_ranks
+    opts = lambda i: dict(num_cpus=cfg.trainer.num_cpus, num_gpus=cfg.trainer.num_gpus,  # noqa: E731
+                          scheduling_strategy=placement.strategy(i))
+    # rank 0's node address is the rendezvous; ask a task placed on rank 0's bundle for it
+    addr, port = ray.get(ray.remote(node_address).options(num_cpus=0, scheduling_strategy=placement.strategy(0)).remote())
+    common = dict(world_size=n, master_addr=addr, master_port=port, student=cfg.model.student,
+                  student_init=cfg.model.student_init, dtype=cfg.model.dtype,
+                  trainer=dataclasses.asdict(cfg.trainer), objective=dataclasses.asdict(cfg.objective))
+    learners = [actor.options(**opts(i)).remote(rank=i, **common) for i in range(n)]
+    ray.get([lr.ready.remote() for lr in learners])
+    return learners
+
+
+def start_teacher(cfg: RunConfig, placement: Optional[RolePlacement]):
+    t = cfg.teacher
+    if t.backend == "ray":
+        from teacher.ray_pool import TeacherPool
+        return TeacherPool(resolve_path(cfg.model.teacher), num_replicas=t.num_replicas, device=cfg.trainer.device,
+                           dtype=cfg.model.dtype, num_cpus_per_replica=t.num_cpus, num_gpus_per_replica=t.num_gpus,
+                           token_budget=t.token_budget, placement=placement.slots())
+    if t.backend == "http":
+        from teacher.http_client import HttpTeacherClient
+        return HttpTeacherClient(t.url)
+    from teacher.vllm_client import VllmServerTeacherClient
+    return VllmServerTeacherClient(t.url, t.served_model_name or cfg.model.teacher, topk=t.topk)
+
+
+def start_rollout(cfg: RunConfig, placement: RolePlacement, model_path: str, teacher_path: Optional[str] = None) -> list:
+    r = cfg.rollout
+    kwargs = dict(backend=r.backend, dtype=cfg.model.dtype, device=cfg.trainer.device, num_threads=r.num_cpus)
+    if teacher_path is not None:
+        kwargs["teacher_path"] = teacher_path
+    if r.backend == "vllm":
+        kwargs.update(tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
+                      enforce_eager=r.enforce_eager, sleep_mode=r.sleep_mode, seed=r.seed)
+    workers = [RolloutWorkerActor.options(num_cpus=r.num_cpus, scheduling_strategy=placement.strategy(i)).remote(model_path, **kwargs)
+               for i in range(r.num_workers)]
+    ray.get([w.ready.remote() for w in workers])
+    return workers
+
+
+# ---- one step's phases ------------------------------------------------------------------------
+
+
+def sampling(cfg: RunConfig, tokenizer, seed: int, n: Optional[int] = None, max_new_tokens: Optional[int] = None) -> SamplingSettings:
+    r = cfg.rollout
+    extra = {"mix_alpha": r.mix_alpha} if r.mix_alpha > 0 else {}
+    return SamplingSettings(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                            max_new_tokens=max_new_tokens or r.max_new_tokens, n=n or r.n_samples,
+                            eos_token_id=tokenizer.eos_token_id, seed=seed, **extra)
+
+
+def generate(workers: list, prompts: list[list[int]], settings: SamplingSettings) -> RolloutBatch:
+    """Split prompts over the workers (data parallel) and concatenate their batches in order."""
+    shards = [prompts[i::len(workers)] for i in range(len(workers))]
+    refs = [w.generate.remote(s, dataclasses.replace(settings, seed=None if settings.seed is None else settings.seed + i))
+            for i, (w, s) in enumerate(zip(workers, shards)) if s]
+    parts = ray.get(refs)
+    batch = RolloutBatch.concat(parts)
+    # restore prompt order: shard i holds prompts i, i+W, ... (each repeated n times)
+    n, W = settings.n, len(workers)
+    order, offsets = [], [0] * W
+    starts = [sum(len(parts[j]) for j in range(i)) for i in range(len(parts))]
+    for k in range(len(prompts)):
+        i = k % W
+        order.extend(range(starts[i] + offsets[i], starts[i] + offsets[i] + n))
+        offsets[i] += n
+    return batch.select(order) if order != list(range(len(batch))) else batch
+
+
+def score(teacher, batch: RolloutBatch, cfg: RunConfig) -> TeacherScores:
+    return teacher.score(batch.sequences, batch.prompt_lens, batch.response_lens,
+                         topk=cfg.teacher.topk, return_full=cfg.teacher.return_full)
+
+
+def sync_weights(learners: list, workers: list, bucket_mb: int) -> int:
+    """Learner rank 0 → every rollout worker, one object per flat bucket."""
+    buckets = ray.get([lr.export_weights.remote(bucket_mb) for lr in learners])[0]
+    return sum(ray.get([w.update_weights.remote(buckets) for w in workers]))
+
+
+def train_on(learners: list, batch: RolloutBatch, scores: TeacherScores, pretrain: Optional[RolloutBatch]) -> dict:
+    """Shard rows over learner ranks (balanced by tokens) and run one update; returns merged metrics."""
+    n_ranks = len(learners)
+    shards = balance_rows(batch.prompt_lens + batch.response_lens, n_ranks)
+    global_tokens = int(batch.response_lens.sum())
+    pt_shards = balance_rows(pretrain.prompt_lens + pretrain.response_lens, n_ranks) if pretrain is not None else [None] * n_ranks
+    pt_tokens = int(pretrain.response_lens.sum()) if pretrain is not None else 0
+    refs = []
+    for rank, (rows, pt_rows) in enumerate(zip(shards, pt_shards)):
+        rows = rows.tolist()
+        shard = batch.select(rows) if rows else batch.select([])
+        shard_scores = _select_scores(scores, rows, shard.max_response_len)
+        pt = pretrain.select(pt_rows.tolist()) if pretrain is not None and len(pt_rows) else None
+        refs.append(learners[rank].train_step.remote(shard, shard_scores, global_tokens, pt, pt_tokens))
+    outs = ray.get(refs)
+    metrics = {k: sum(o["sums"].get(k, 0.0) for o in outs) / max(global_tokens, 1) for k in outs[0]["sums"]}
+    metrics.update(lr=outs[0]["lr"], grad_norm=outs[0]["grad_norm"])
+    return metrics
+
+
+def _select_scores(scores: TeacherScores, rows: list[int], T: int) -> TeacherScores:
+    from trainer.objective import select_scores
+    return select_scores(scores, rows, T)
+
+
+# ---- evaluation and outputs -------------------------------------------------------------------
+
+
+def evaluate(cfg: RunConfig, roles: Roles, eval_data: PromptData, tokenizer) -> dict[str, float]:
+    """Reverse KL of the current student on held-out prompts (fixed sampling seed: same every call)."""
+    prompts = eval_data.prompts
+    settings = dataclasses.replace(sampling(cfg, tokenizer, seed=10_000_019, n=EVAL_SAMPLES_PER_PROMPT), mix_alpha=0.0) \
+        if cfg.rollout.mix_alpha > 0 else sampling(cfg, tokenizer, seed=10_000_019, n=EVAL_SAMPLES_PER_PROMPT)
+    batch = generate(roles.rollout, prompts, settings)
+    return reverse_kl_estimate(batch, score(roles.teacher, batch, cfg))
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON line per step) + TensorBoard scalars, namespaced (loss/, time/, ...)."""
+
+    def __init__(self, out_dir: Path, resume_step: int = 0):
+        from torch.utils.tensorboard import SummaryWriter
+        self.path = out_dir / "metrics.jsonl"
+        if resume_step == 0 and self.path.exists():
+            self.path.unlink()
+        elif self.path.exists():  # drop lines past the checkpoint we resume from
+            lines = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in lines))
+        self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def save_checkpoint(cfg: RunConfig, roles: Roles, out_dir: Path, step: int, state: dict, tokenizer, student_config) -> Path:
+    ckpt_dir = out_dir / "checkpoints"
+    tmp = ckpt.begin(ckpt_dir, step)
+    ray.get([lr.save_checkpoint.remote(str(tmp)) for lr in roles.learners])
+    ckpt.save_trainer_state(tmp, state)
+    ckpt.save_student_files(tmp, student_config, generation_config(tokenizer, cfg), tokenizer)
+    return ckpt.commit(ckpt_dir, tmp, step, cfg.checkpoint.keep_last)
+
+
+def generation_config(tokenizer, cfg: RunConfig):
+    """What the exported student samples with by default: the rollout's settings."""
+    from transformers import GenerationConfig
+    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, do_sample=True, temperature=cfg.rollout.temperature,
+                            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
+
+
+def find_resume(cfg: RunConfig, out_dir: Path) -> Optional[Path]:
+    if cfg.checkpoint.resume == "never":
+        return None
+    if cfg.checkpoint.resume == "auto":
+        return ckpt.find_latest(out_dir / "checkpoints")
+    path = Path(resolve_path(cfg.checkpoint.resume))
+    ok, reason = ckpt.is_complete(path)
+    if not ok:
+        raise FileNotFoundError(f"checkpoint.resume={cfg.checkpoint.resume!r} is not a complete checkpoint: {reason}")
+    return path
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Datasets:
+    train: PromptData
+    eval: Optional[PromptData]
+    pretrain: Optional[PromptData]
+
+
+@dataclasses.dataclass
+class Hooks:
+    """progress: show a progress bar. on_batch(step, batch): sees every training batch (tests, logging).
+    stop_after: leave after this many steps of this call, as a preemption would (checkpoints kept)."""
+    progress: bool = True
+    on_batch: Optional[Callable[[int, RolloutBatch], None]] = None
+    stop_after: Optional[int] = None
+
+
+def load_data(cfg: RunConfig, tokenizer) -> Datasets:
+    """Read and tokenise every data source now, so a bad row fails before any actor starts."""
+    train_data = PromptData(read_records(cfg.data.prompts), tokenizer, cfg.data, "data.prompts", seed=cfg.trainer.seed)
+    eval_data = None
+    if cfg.data.eval_prompts:
+        eval_data = PromptData(read_records(cfg.data.eval_prompts), tokenizer, cfg.data, "data.eval_prompts",
+                               limit=cfg.data.num_eval_prompts)
+    pretrain_data = None
+    if cfg.objective.pt_weight > 0:
+        pt_cfg = dataclasses.replace(cfg.data, prompt_key="text", chat_template=False, max_prompt_len=10**6)
+        pretrain_data = PromptData(read_records(cfg.data.pretrain), tokenizer, pt_cfg, "data.pretrain", seed=cfg.trainer.seed + 1)
+    needs_dataset = cfg.objective.name != "minillm" and cfg.objective.lam < 1 and not cfg.objective.seq_kd
+    if needs_dataset and any(r is None for r in train_data.responses):
+        raise ValueError(f"objective.lam={cfg.objective.lam} < 1 uses the dataset's responses, but some rows of "
+                         f"data.prompts have no {cfg.data.response_key!r} field (data.response_key)")
+    return Datasets(train_data, eval_data, pretrain_data)
+
+
+def train(cfg: RunConfig, hooks: Optional[Hooks] = None) -> dict:
+    """Run a whole distillation job; returns the summary (also written to output_dir/summary.json)."""
+    from transformers import AutoConfig
+
+    hooks = hooks or Hooks()
+    check_paths(cfg)
+    tokenizer = load_tokenizers(cfg)
+    data = load_data(cfg, tokenizer)
+
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    resume_from = find_resume(cfg, out_dir)
+    student_config = AutoConfig.from_pretrained(resolve_path(cfg.model.student))
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, include_dashboard=False,
+                 log_to_driver=True, logging_level=logging.WARNING)
+    placement = create_placement(cfg)
+    roles = None
+    try:
+        learners = start_learners(cfg, placement["learner"])
+        if resume_from is not None:
+            ray.get([lr.load_checkpoint.remote(str(resume_from)) for lr in learners])
+        # rollout workers start from the learner's current weights, written once as an HF folder
+        init_dir = out_dir / "rollout_init"
+        ray.get([lr.save_hf.remote(str(init_dir)) for lr in learners])
+        tokenizer.save_pretrained(init_dir)
+        teacher_path = resolve_path(cfg.model.teacher) if cfg.rollout.mix_alpha > 0 else None
+        roles = Roles(learners=learners, rollout=start_rollout(cfg, placement["rollout"], str(init_dir), teacher_path),
+                      teacher=start_teacher(cfg, placement.get("teacher")), placement=placement)
+        if cfg.objective.seq_kd:
+            roles.teacher_sampler = start_rollout(cfg, placement["rollout"], resolve_path(cfg.model.teacher))
+        return _run(cfg, roles, tokenizer, data, out_dir, resume_from, student_config, hooks)
+    finally:
+        if roles is not None and hasattr(roles.teacher, "shutdown"):
+            roles.teacher.shutdown()
+        for group in (roles.rollout + roles.learners + (roles.teacher_sampler or [])) if roles else []:
+            ray.kill(group)
+        release(placement)
+
+
+def _run(cfg: RunConfig, roles: Roles, tokenizer, data: Datasets, out_dir: Path, resume_from: Optional[Path],
+         student_config, hooks: Hooks) -> dict:
+    from tqdm import tqdm
+
+    train_data, eval_data, pretrain_data = data.train, data.eval, data.pretrain
+    mixer = OnPolicyMixer(1.0 if cfg.objective.name == "minillm" else cfg.objective.lam, seq_kd=cfg.objective.seq_kd,
+                          seed=cfg.trainer.seed)
+    start_step, history, before = 0, [], None
+    if resume_from is not None:
+        state = ckpt.load_trainer_state(resume_from)
+        start_step, history, before = state["step"], state["history"], state.get("eval_before")
+        train_data.load_state_dict(state["data"])
+        mixer.load_state_dict(state["mixer"])
+        if pretrain_data is not None:
+            pretrain_data.load_state_dict(state["pretrain_data"])
+        log.warning("resumed from %s at step %d", resume_from, start_step)
+    metrics_log = MetricsLog(out_dir, resume_step=start_step)
+
+    def run_state(step: int, history: list) -> dict:
+        """The driver's part of a checkpoint (the learners write theirs)."""
+        return {"step": step, "data": train_data.state_dict(), "mixer": mixer.state_dict(), "history": history,
+                "eval_before": before, "config": cfg.to_dict(),
+                "pretrain_data": pretrain_data.state_dict() if pretrain_data is not None else None}
+    if eval_data is not None and before is None:
+        before = evaluate(cfg, roles, eval_data, tokenizer)
+        print(f"held-out reverse KL before training: {before['reverse_kl']:.4f} ± {before['reverse_kl_stderr']:.4f} "
+              f"(per token {before['reverse_kl_per_token']:.4f})")
+
+    bar = tqdm(range(start_step, cfg.trainer.steps), initial=start_step, total=cfg.trainer.steps, disable=not hooks.progress,
+               desc="distilling", dynamic_ncols=True)
+    t_run = time.perf_counter()
+    for step in bar:
+        timings = {}
+        t0 = time.perf_counter()
+        source = mixer.next_source()
+        idx = train_data.next_indices(cfg.rollout.prompts_per_step)
+        prompts = [train_data.prompts[i] for i in idx]
+        settings = sampling(cfg, tokenizer, seed=cfg.rollout.seed + 7919 * step)
+        if source == "student":
+            batch = generate(roles.rollout, prompts, settings)
+        elif source == "teacher":
+            batch = generate(roles.teacher_sampler, prompts, dataclasses.replace(settings, n=1))
+            batch.source, batch.student_logprobs = "teacher", None
+        else:
+            batch = RolloutBatch.from_lists(prompts, [train_data.responses[i] for i in idx], tokenizer.pad_token_id,
+                                            source="dataset")
+        timings["time/generate"] = time.perf_counter() - t0
+        if hooks.on_batch is not None:
+            hooks.on_batch(step + 1, batch)
+
+        t0 = time.perf_counter()
+        scores = score(roles.teacher, batch, cfg)
+        timings["time/score"] = time.perf_counter() - t0
+
+        pretrain = None
+        if pretrain_data is not None:
+            texts = [pretrain_data.prompts[i] for i in pretrain_data.next_indices(cfg.rollout.prompts_per_step)]
+            pretrain = RolloutBatch.from_lists([t[:1] for t in texts], [t[1:] for t in texts], tokenizer.pad_token_id, source="dataset")
+
+        t0 = time.perf_counter()
+        metrics = train_on(roles.learners, batch, scores, pretrain)
+        timings["time/train"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        sync_weights(roles.learners, roles.rollout, cfg.rollout.sync_bucket_mb)
+        timings["time/sync"] = time.perf_counter() - t0
+
+        n_tokens = int(batch.response_lens.sum())
+        step_time = sum(timings.values())
+        record = {f"loss/{k}" if "loss" in k else f"train/{k}": v for k, v in metrics.items()}
+        record.update(timings)
+        record.update({"time/step": step_time, "rollout/tokens": n_tokens, "rollout/source": source,
+                       "rollout/response_len": float(batch.response_lens.float().mean()),
+                       "throughput/tokens_per_s": n_tokens / step_time,
+                       "teacher/logprob": float((scores.token_logprobs * batch.response_mask()).sum() / max(n_tokens, 1))})
+        if cfg.trainer.eval_every and eval_data is not None and (step + 1) % cfg.trainer.eval_every == 0:
+            record.update({f"eval/{k}": v for k, v in evaluate(cfg, roles, eval_data, tokenizer).items()})
+        metrics_log.write(step + 1, record)
+        history.append({"step": step + 1, **metrics})
+        bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}", reward=f"{metrics.get('reward', float('nan')):.3f}",
+                        rkl=f"{metrics.get('reverse_kl', metrics.get('divergence', float('nan'))):.3f}",
+                        tok_s=f"{n_tokens / step_time:.0f}")
+
+        if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.trainer.steps:
+            save_checkpoint(cfg, roles, out_dir, step + 1, run_state(step + 1, history), tokenizer, student_config)
+        if hooks.stop_after is not None and step + 1 - start_step >= hooks.stop_after and step + 1 < cfg.trainer.steps:
+            bar.close()
+            metrics_log.close()
+            return {"stopped_at": step + 1}
+    bar.close()
+    metrics_log.close()
+    train_seconds = time.perf_counter() - t_run
+
+    summary = {"steps": cfg.trainer.steps, "train_seconds": train_seconds, "eval_before": before}
+    if eval_data is not None:
+        after = evaluate(cfg, roles, eval_data, tokenizer)
+        summary["eval_after"] = after
+        print(f"held-out reverse KL after training:  {after['reverse_kl']:.4f} ± {after['reverse_kl_stderr']:.4f} "
+              f"(per token {after['reverse_kl_per_token']:.4f})")
+    if start_step < cfg.trainer.steps or resume_from is None:
+        final_metrics = {**(history[-1] if history else {}),
+                         **{f"eval_before/{k}": v for k, v in (before or {}).items()},
+                         **{f"eval_after/{k}": v for k, v in summary.get("eval_after", {}).items()}}
+        final_ckpt = save_checkpoint(cfg, roles, out_dir, cfg.trainer.steps,
+                                     {**run_state(cfg.trainer.steps, history), "metrics": final_metrics},
+                                     tokenizer, student_config)
+    else:  # resumed at the end: the last checkpoint is the final one
+        final_ckpt = resume_from
+    final_dir = out_dir / "final"
+    export_checkpoint(final_ckpt, final_dir, overwrite=True)
+    summary["model_dir"] = str(final_dir)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"student written to {final_dir}")
+    return summary
