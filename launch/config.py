@@ -55,7 +55,7 @@ class ModelConfig:
     """
 
     student: str = "builtin:tiny-student"
-    student_init: Literal["pretrained", "from_config"] = "from_config"
+    student_init: Literal["pretrained", "from_config"] = "pretrained"
     teacher: str = "builtin:tiny-teacher"
     tokenizer: Optional[str] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -114,6 +114,9 @@ class RolloutConfig:
     enforce_eager (bool, *optional*, defaults to False): vLLM without CUDA graphs (faster start).
     sync_bucket_mb (int, *optional*, defaults to 256): weight-sync flat bucket size.
     num_cpus (float, *optional*, defaults to 1): CPUs per rollout worker actor.
+    num_gpus (float, *optional*, defaults to 1): GPUs per rollout worker with tensor_parallel_size=1
+        (a fraction shares a GPU with other roles: the single-GPU mode); with tensor parallelism each
+        worker takes tensor_parallel_size whole GPUs.
     """
 
     backend: Literal["hf", "vllm"] = "hf"
@@ -132,8 +135,15 @@ class RolloutConfig:
     enforce_eager: bool = False
     sync_bucket_mb: int = 256
     num_cpus: float = 1.0
+    num_gpus: float = 1.0
+
+    def gpus_per_worker(self, device: str) -> float:
+        if device == "cpu":
+            return 0.0
+        return self.num_gpus if self.tensor_parallel_size == 1 else float(self.tensor_parallel_size)
 
     def validate(self) -> None:
+        _in_range("rollout.num_gpus", self.num_gpus, 0.0, None)
         for key in ("num_workers", "tensor_parallel_size", "prompts_per_step", "n_samples",
                     "max_new_tokens", "sync_bucket_mb"):
             _positive(f"rollout.{key}", getattr(self, key))

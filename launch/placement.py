@@ -4,6 +4,7 @@
     learner   trainer.num_ranks × {CPU, GPU}  PACK / SPREAD
     rollout   rollout.num_workers × {...}     PACK / SPREAD
     teacher   teacher.num_replicas × {...}    PACK / SPREAD
+    teacher_sampler  as rollout (only with objective.seq_kd)
 
 With `cluster.spread_roles` each group's bundles go to different nodes where possible; with it off
 Ray packs them (one node, or the fewest nodes). Actors are pinned with
@@ -11,6 +12,7 @@ PlacementGroupSchedulingStrategy(pg, bundle_index) so the plan is the placement.
 """
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 import ray
@@ -41,11 +43,12 @@ def _bundle(cpus: float, gpus: float) -> dict:
 
 
 def role_bundles(cfg: RunConfig) -> dict[str, list[dict]]:
-    gpu_rollout = cfg.rollout.tensor_parallel_size if cfg.rollout.backend == "vllm" else (1 if cfg.trainer.device == "cuda" else 0)
     roles = {
         "learner": [_bundle(cfg.trainer.num_cpus, cfg.trainer.num_gpus)] * cfg.trainer.num_ranks,
-        "rollout": [_bundle(cfg.rollout.num_cpus, 0 if cfg.trainer.device == "cpu" else gpu_rollout)] * cfg.rollout.num_workers,
+        "rollout": [_bundle(cfg.rollout.num_cpus, cfg.rollout.gpus_per_worker(cfg.trainer.device))] * cfg.rollout.num_workers,
     }
+    if cfg.objective.seq_kd:  # rollout workers on the teacher's weights, for sequence-level KD batches
+        roles["teacher_sampler"] = roles["rollout"]
     if cfg.teacher.backend == "ray":
         roles["teacher"] = [_bundle(cfg.teacher.num_cpus, cfg.teacher.num_gpus)] * cfg.teacher.num_replicas
     return roles
@@ -54,14 +57,18 @@ def role_bundles(cfg: RunConfig) -> dict[str, list[dict]]:
 def create_placement(cfg: RunConfig, timeout_s: float = 120.0) -> dict[str, RolePlacement]:
     """Reserve every role's resources up front; fails with the missing resources if the cluster is too small."""
     strategy = "SPREAD" if cfg.cluster.spread_roles else "PACK"
+    run_id = uuid.uuid4().hex[:8]  # names are unique per cluster; several runs (or tests) may share one
     out = {}
     for role, bundles in role_bundles(cfg).items():
-        pg = placement_group(bundles, strategy=strategy, name=f"minillm-{role}")
+        pg = placement_group(bundles, strategy=strategy, name=f"minillm-{role}-{run_id}")
         ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
         if not ready:
             remove_placement_group(pg)
-            raise RuntimeError(f"could not reserve resources for {role}: {bundles} (strategy {strategy}); "
-                               f"cluster has {ray.cluster_resources()}")
+            free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+            total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+            raise RuntimeError(f"could not reserve resources for the {role} role: bundles {bundles} (strategy "
+                               f"{strategy}) within {timeout_s:.0f} s; cluster total {total}, free now {free}. "
+                               f"Lower {role} counts or CPU/GPU shares in the config, or add nodes.")
         out[role] = RolePlacement(pg, bundles)
     return out
 

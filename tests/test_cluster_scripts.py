@@ -99,10 +99,15 @@ def test_loopback_head():
     try:
         out, _ = proc.communicate(timeout=45)
         assert proc.returncode == 0, out
-        status = subprocess.run(["ray", "status", "--address", f"127.0.0.1:{port}"], env=env,
-                                capture_output=True, text=True, timeout=30)
-        assert status.returncode == 0, status.stderr[-2000:]
-        assert "2.0 CPU" in status.stdout  # MINILLM_NUM_CPUS reached `ray start`
+        deadline = time.monotonic() + 30
+        while True:  # `ray status` answers "No cluster status" until the autoscaler's first report
+            status = subprocess.run(["ray", "status", "--address", f"127.0.0.1:{port}"], env=env,
+                                    capture_output=True, text=True, timeout=30)
+            assert status.returncode == 0, status.stderr[-2000:]
+            if "No cluster status" not in status.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert "2.0 CPU" in status.stdout, status.stdout  # MINILLM_NUM_CPUS reached `ray start`
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:

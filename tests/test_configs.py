@@ -35,8 +35,6 @@ def test_single_gpu():
     assert cfg.cluster.address is None
 
 
-@pytest.mark.xfail(strict=True, reason="launch/placement.py reserves rollout.tensor_parallel_size whole GPUs for a "
-                   "vLLM worker, so learner 0.4 + teacher 0.2 + rollout 1 does not fit one GPU")
 def test_single_gpu_fits_one_gpu():
     gpus = sum(b.get("GPU", 0) for bundles in role_bundles(load_config("single_gpu")).values() for b in bundles)
     assert gpus <= 1.0

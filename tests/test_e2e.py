@@ -77,3 +77,33 @@ def test_resume_reproduces_the_uninterrupted_losses(local_ray, tmp_path):
     for ra, rb in zip(a, b):
         for key in ("loss/loss", "loss/pg_loss", "loss/single_step_loss", "train/reward", "rollout/tokens", "train/lr"):
             assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
+
+
+@pytest.mark.slow
+def test_sequence_level_kd_trains_on_teacher_samples(local_ray, tmp_path):
+    """objective.seq_kd with λ=0: every batch is sampled by the teacher (checked on the batches)."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+    from launch.config import resolve_path
+
+    cfg = load_config(None, [o for o in FAST if not o.startswith("trainer.steps")] + [
+        "trainer.steps=2", "objective.name=forward_kl", "objective.lam=0", "objective.seq_kd=true",
+        "data.eval_prompts=null", f"output_dir={tmp_path}"])
+    batches = []
+    train(cfg, Hooks(progress=False, on_batch=lambda step, b: batches.append(b)))
+    assert [b.source for b in batches] == ["teacher", "teacher"]
+    # teacher samples are likely under the teacher and unlikely under the (weaker) student
+    teacher = AutoModelForCausalLM.from_pretrained(resolve_path("builtin:tiny-teacher"))
+    student = AutoModelForCausalLM.from_pretrained(resolve_path("builtin:tiny-student"))
+
+    def mean_logprob(model, b):
+        with torch.no_grad():
+            logits = model(b.sequences, attention_mask=b.attention_mask()).logits
+        lp = F.log_softmax(logits[:, :-1], -1).gather(-1, b.sequences[:, 1:, None])[..., 0]
+        pos = torch.arange(1, b.sequences.shape[1])
+        resp = (pos[None] >= b.prompt_lens[:, None]) & (pos[None] < (b.prompt_lens + b.response_lens)[:, None])
+        return float((lp * resp).sum() / resp.sum())
+
+    for b in batches:
+        assert b.student_logprobs is None
+        assert mean_logprob(teacher, b) > mean_logprob(student, b) + 0.5

@@ -14,7 +14,7 @@ from trainer.loop import generate, score, start_learners, start_rollout, start_t
 
 @pytest.fixture(scope="module")
 def roles(tmp_path_factory):
-    ray.init(num_cpus=6, include_dashboard=False)
+    ray.init(num_cpus=10, include_dashboard=False)
     cfg = load_config(None, ["rollout.num_cpus=1", "teacher.num_cpus=1", "trainer.num_cpus=1", "rollout.prompts_per_step=4",
                              "rollout.max_new_tokens=6", "trainer.warmup_steps=0"])
     placement = create_placement(cfg)
@@ -62,15 +62,13 @@ def test_update_changes_student_and_sync_reaches_rollout(roles):
 
 def test_rollout_logprobs_equal_direct_forward(roles):
     """Tokens and log-probs from the Ray rollout actor equal an independent forward of the same weights."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg, learners, workers, _ = roles
     batch = generate(workers, _prompts(), SamplingSettings(max_new_tokens=5, eos_token_id=2, seed=11, n=2))
     assert len(batch) == 8
     sd = ray.get(learners[0].state_dict_cpu.remote())
-    model = AutoModelForCausalLM.from_pretrained(resolve_path(cfg.model.teacher))  # any Llama of the family...
-    student_cfg = __import__("transformers").AutoConfig.from_pretrained(resolve_path(cfg.model.student))
-    model = AutoModelForCausalLM.from_config(student_cfg)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_path(cfg.model.student)))
     model.load_state_dict(sd)
     model.eval()
     for i in range(len(batch)):
@@ -86,3 +84,25 @@ def test_rollout_logprobs_equal_direct_forward(roles):
         for j in range(2):
             row = 2 * k + j
             assert batch.sequences[row, :len(p)].tolist() == p and int(batch.prompt_lens[row]) == len(p)
+
+
+def test_two_workers_return_rows_in_prompt_order(roles):
+    cfg, *_ = roles
+    cfg2 = load_config(None, ["rollout.num_workers=2", "rollout.num_cpus=1"])
+    placement = create_placement(dataclasses.replace(cfg2, teacher=dataclasses.replace(cfg2.teacher, backend="http", url="x",
+                                                                                        return_full=False)))
+    try:
+        workers = start_rollout(cfg2, placement["rollout"], resolve_path(cfg2.model.student))
+        prompts = _prompts() + [[1, 30]]
+        batch = generate(workers, prompts, SamplingSettings(max_new_tokens=3, eos_token_id=2, seed=5, n=3))
+        assert len(batch) == 15
+        for k, p in enumerate(prompts):
+            for j in range(3):
+                assert batch.sequences[3 * k + j, :len(p)].tolist() == p
+        # each shard sampled on its own worker with its own seed; the log-probs are still exact
+        direct = ray.get(workers[0].logprobs.remote(batch))
+        torch.testing.assert_close(direct, batch.student_logprobs, rtol=0, atol=1e-6)
+    finally:
+        for w in workers:
+            ray.kill(w)
+        release(placement)

@@ -244,5 +244,7 @@ class Learner:
         return self.global_step
 
     def ready(self) -> dict:
-        return {"rank": self.rank, "world_size": self.world_size, "params": sum(
+        import ray
+        return {"rank": self.rank, "world_size": self.world_size, "node_id": ray.get_runtime_context().get_node_id(),
+                "params": sum(
             int(torch.tensor(getattr(p, "ds_shape", p.shape)).prod()) for _, p in self._named_params())}

@@ -112,7 +112,8 @@ def start_rollout(cfg: RunConfig, placement: RolePlacement, model_path: str, tea
     if r.backend == "vllm":
         kwargs.update(tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
                       enforce_eager=r.enforce_eager, sleep_mode=r.sleep_mode, seed=r.seed)
-    workers = [RolloutWorkerActor.options(num_cpus=r.num_cpus, scheduling_strategy=placement.strategy(i)).remote(model_path, **kwargs)
+    workers = [RolloutWorkerActor.options(num_cpus=r.num_cpus, num_gpus=r.gpus_per_worker(cfg.trainer.device),
+                                          scheduling_strategy=placement.strategy(i)).remote(model_path, **kwargs)
                for i in range(r.num_workers)]
     ray.get([w.ready.remote() for w in workers])
     return workers
@@ -130,21 +131,12 @@ def sampling(cfg: RunConfig, tokenizer, seed: int, n: Optional[int] = None, max_
 
 
 def generate(workers: list, prompts: list[list[int]], settings: SamplingSettings) -> RolloutBatch:
-    """Split prompts over the workers (data parallel) and concatenate their batches in order."""
-    shards = [prompts[i::len(workers)] for i in range(len(workers))]
-    refs = [w.generate.remote(s, dataclasses.replace(settings, seed=None if settings.seed is None else settings.seed + i))
-            for i, (w, s) in enumerate(zip(workers, shards)) if s]
-    parts = ray.get(refs)
-    batch = RolloutBatch.concat(parts)
-    # restore prompt order: shard i holds prompts i, i+W, ... (each repeated n times)
-    n, W = settings.n, len(workers)
-    order, offsets = [], [0] * W
-    starts = [sum(len(parts[j]) for j in range(i)) for i in range(len(parts))]
-    for k in range(len(prompts)):
-        i = k % W
-        order.extend(range(starts[i] + offsets[i], starts[i] + offsets[i] + n))
-        offsets[i] += n
-    return batch.select(order) if order != list(range(len(batch))) else batch
+    """Split prompts over the workers in contiguous shards (data parallel); rows come back in prompt order."""
+    W = len(workers)
+    bounds = [len(prompts) * i // W for i in range(W + 1)]
+    refs = [w.generate.remote(prompts[lo:hi], dataclasses.replace(settings, seed=None if settings.seed is None else settings.seed + i))
+            for i, (w, lo, hi) in enumerate(zip(workers, bounds[:-1], bounds[1:])) if hi > lo]
+    return RolloutBatch.concat(ray.get(refs))
 
 
 def score(teacher, batch: RolloutBatch, cfg: RunConfig) -> TeacherScores:
@@ -261,9 +253,11 @@ class Datasets:
 
 @dataclasses.dataclass
 class Hooks:
-    """progress: show a progress bar. on_batch(step, batch): sees every training batch (tests, logging).
+    """progress: show a progress bar. on_start(roles): sees the started roles (placement checks).
+    on_batch(step, batch): sees every training batch (tests, logging).
     stop_after: leave after this many steps of this call, as a preemption would (checkpoints kept)."""
     progress: bool = True
+    on_start: Optional[Callable[["Roles"], None]] = None
     on_batch: Optional[Callable[[int, RolloutBatch], None]] = None
     stop_after: Optional[int] = None
 
@@ -302,8 +296,10 @@ def train(cfg: RunConfig, hooks: Optional[Hooks] = None) -> dict:
     student_config = AutoConfig.from_pretrained(resolve_path(cfg.model.student))
 
     if not ray.is_initialized():
-        ray.init(address=cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, include_dashboard=False,
-                 log_to_driver=True, logging_level=logging.WARNING)
+        # joining a cluster (address set) takes its resources as they are; a local one gets cluster.num_cpus
+        local = cfg.cluster.address is None
+        ray.init(address=cfg.cluster.address, num_cpus=cfg.cluster.num_cpus if local else None,
+                 include_dashboard=False, logging_level=logging.WARNING)
     placement = create_placement(cfg)
     roles = None
     try:
@@ -318,7 +314,9 @@ def train(cfg: RunConfig, hooks: Optional[Hooks] = None) -> dict:
         roles = Roles(learners=learners, rollout=start_rollout(cfg, placement["rollout"], str(init_dir), teacher_path),
                       teacher=start_teacher(cfg, placement.get("teacher")), placement=placement)
         if cfg.objective.seq_kd:
-            roles.teacher_sampler = start_rollout(cfg, placement["rollout"], resolve_path(cfg.model.teacher))
+            roles.teacher_sampler = start_rollout(cfg, placement["teacher_sampler"], resolve_path(cfg.model.teacher))
+        if hooks.on_start is not None:
+            hooks.on_start(roles)
         return _run(cfg, roles, tokenizer, data, out_dir, resume_from, student_config, hooks)
     finally:
         if roles is not None and hasattr(roles.teacher, "shutdown"):
