@@ -96,7 +96,7 @@ def bench_vllm(path, teacher_path, prompts, settings, args) -> dict:
     import torch
     from dataclasses import replace
 
-    from rollout.vllm_backend import VllmRolloutBackend, _sampling_params, _tokens_prompt, ipc_handle
+    from rollout.vllm_backend import VllmRolloutBackend, _tokens_prompt, ipc_handle
     from rollout.weight_sync import bucket_plan, pack
 
     out = {}

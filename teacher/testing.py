@@ -5,6 +5,8 @@ Nothing here touches the network: models are built from ``LlamaConfig`` with ran
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from teacher.types import TeacherScores
@@ -119,3 +121,43 @@ def serve_fake_vllm(port: int, model_name: str = "tiny-teacher") -> None:
 
     model = tiny_llama()
     uvicorn.run(fake_vllm_app(model, model_name, model.config.max_position_embeddings), host="127.0.0.1", port=port, log_level="warning")
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(cmd: list[str], probe_url: str, cwd: str | None = None, timeout_s: float = 60.0):
+    """Run a server subprocess until `probe_url` answers 200; yield; terminate it.
+
+    Fails (RuntimeError with the server's stderr tail) if it exits or does not answer in time.
+    """
+    import subprocess
+    import time
+
+    import httpx
+
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server {cmd[:3]} exited: {proc.stderr.read().decode()[-2000:]}")
+            try:
+                if httpx.get(probe_url, timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server {cmd[:3]} did not answer {probe_url} within {timeout_s:.0f} s")
+            time.sleep(0.2)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

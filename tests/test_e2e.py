@@ -107,3 +107,53 @@ def test_sequence_level_kd_trains_on_teacher_samples(local_ray, tmp_path):
     for b in batches:
         assert b.student_logprobs is None
         assert mean_logprob(teacher, b) > mean_logprob(student, b) + 0.5
+
+
+@pytest.mark.slow
+def test_teacher_mixed_sampling_and_pretraining_loss_in_the_loop(local_ray, tmp_path):
+    """MiniLLM with α=0.2 samples mixed batches (importance weights ≠ 1) and adds L_PT on the corpus."""
+    cfg = load_config(None, [o for o in FAST if not o.startswith("trainer.steps")] + [
+        "trainer.steps=2", "rollout.mix_alpha=0.2", "objective.pt_weight=0.5",
+        "data.pretrain=builtin:corpus/pretrain.jsonl", "data.eval_prompts=null", f"output_dir={tmp_path}"])
+    batches = []
+    train(cfg, Hooks(progress=False, on_batch=lambda step, b: batches.append(b)))
+    assert [(b.source, b.mix_alpha) for b in batches] == [("mixed", 0.2), ("mixed", 0.2)]
+    rows = _metrics(tmp_path)
+    for r in rows:
+        assert math.isfinite(r["loss/pt_loss"]) and r["loss/pt_loss"] > 0
+        # q/p̃ differs from 1 wherever teacher and student disagree
+        assert abs(r["train/importance_weight"] - 1.0) > 1e-3
+
+
+def test_bad_inputs_fail_before_any_actor_starts(tmp_path):
+    from transformers import LlamaConfig
+
+    missing = load_config(None, ["model.teacher=/nonexistent/teacher", f"output_dir={tmp_path / 'a'}"])
+    with pytest.raises(FileNotFoundError, match=r"model.teacher='/nonexistent/teacher': no config.json"):
+        train(missing, Hooks(progress=False))
+
+    # a teacher folder whose tokenizer maps words to other ids
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from launch.build_assets import vocabulary
+    words = vocabulary()
+    swapped = words[:4] + list(reversed(words[4:]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({w: i for i, w in enumerate(swapped)}, unk_token="<unk>")),
+                                  bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    teacher_dir = tmp_path / "teacher"
+    LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2).save_pretrained(teacher_dir)
+    tok.save_pretrained(teacher_dir)
+    mismatched = load_config(None, [f"model.teacher={teacher_dir}", f"output_dir={tmp_path / 'b'}"])
+    from teacher.tokenizer_check import TokenizerMismatchError
+    with pytest.raises(TokenizerMismatchError):
+        train(mismatched, Hooks(progress=False))
+
+    # a prompt longer than data.max_prompt_len names the row and the key
+    long = load_config(None, ["data.max_prompt_len=3", f"output_dir={tmp_path / 'c'}"])
+    from launch.config import ConfigError
+    with pytest.raises(ConfigError, match=r"data.prompts row \d+: prompt of \d+ tokens exceeds data.max_prompt_len=3"):
+        train(long, Hooks(progress=False))
+    # nothing half-written: the run folders were never created
+    assert not any((tmp_path / name).exists() for name in ("a", "b", "c"))

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import ray
-import torch
 from ray.cluster_utils import Cluster
 from ray.util.placement_group import placement_group_table
 

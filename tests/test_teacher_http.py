@@ -1,8 +1,6 @@
 """HTTP teacher in a real uvicorn subprocess: equals direct log_softmax; errors; client retries."""
 
 import os
-import socket
-import subprocess
 import sys
 import time
 
@@ -11,7 +9,7 @@ import pytest
 import torch
 
 from teacher.http_client import HttpTeacherClient, TeacherUnavailableError
-from teacher.testing import random_batch, reference_scores, save_tiny_teacher, tiny_llama
+from teacher.testing import free_port, random_batch, reference_scores, save_tiny_teacher, serving, tiny_llama
 from teacher.wire import MEDIA_TYPE, decode_request, encode_request
 from teacher.types import ScoreRequest
 
@@ -19,31 +17,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 1e-5
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     path = save_tiny_teacher(str(tmp_path_factory.mktemp("teacher")))
     port = free_port()
     cmd = [sys.executable, "-m", "teacher.http_service", "--model-path", path, "--port", str(port), "--dtype", "float32", "--token-budget", "64"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(url + "/v1/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+    with serving(cmd, url + "/v1/health", cwd=ROOT):
+        yield url
 
 
 @pytest.fixture(scope="module")

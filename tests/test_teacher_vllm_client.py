@@ -1,47 +1,26 @@
 """VllmServerTeacherClient against a fake vLLM server (real uvicorn process, real tiny HF model)."""
 
 import os
-import socket
-import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 import torch
 
 from teacher.http_client import TeacherUnavailableError
-from teacher.testing import random_batch, reference_scores, tiny_llama
+from teacher.testing import free_port, random_batch, reference_scores, serving, tiny_llama
 from teacher.vllm_client import VllmServerTeacherClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 1e-5
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
     port = free_port()
     code = f"from teacher.testing import serve_fake_vllm; serve_fake_vllm({port})"
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"fake vLLM server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(url + "/v1/models", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+    with serving([sys.executable, "-c", code], url + "/v1/models", cwd=ROOT):
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Held-out reverse KL of the student to the teacher: the number that must fall."""
 from __future__ import annotations
 
-import torch
 
 from rollout.types import RolloutBatch
 from teacher.types import TeacherScores

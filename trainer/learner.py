@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import asdict
 from typing import Optional
 
 import torch
@@ -17,7 +16,7 @@ import torch
 from launch.config import ObjectiveConfig, TrainerConfig, resolve_path
 from rollout.forward import response_logits
 from rollout.types import RolloutBatch
-from rollout.weight_sync import TensorMeta, bucket_plan, pack
+from rollout.weight_sync import bucket_plan, pack
 from teacher.types import TeacherScores
 from trainer.objective import lm_batch_loss, objective_loss, select_scores
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import ray
-import torch
 
 from launch.config import RunConfig, resolve_path
 from launch.placement import RolePlacement, create_placement, release
