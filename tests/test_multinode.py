@@ -5,6 +5,7 @@ import math
 
 import pytest
 import ray
+import torch
 from ray.cluster_utils import Cluster
 from ray.util.placement_group import placement_group_table
 
@@ -41,15 +42,22 @@ def _dataset_responses(tokenizer):
 
 
 def _run(cfg, record):
-    placements, nodes = {}, {}
+    placements, nodes, started = {}, {}, {}
 
     def on_start(roles):
+        started["roles"] = roles
         for role, p in roles.placement.items():
             placements[role] = list(placement_group_table(p.group)["bundles_to_node_id"].values())
         nodes["learners"] = [ray.get(lr.ready.remote())["node_id"] for lr in roles.learners]
 
     def on_batch(step, batch):
         record.append((step, batch))
+        if batch.student_logprobs is not None:
+            # the rollout sampled with the weights synced after the previous update: the learner's
+            # (sharded under ZeRO-3: every rank joins the forward) must give the same log-probs
+            learners = started["roles"].learners
+            learner_lp = ray.get([lr.logprobs.remote(batch) for lr in learners])[0]
+            torch.testing.assert_close(learner_lp, batch.student_logprobs, rtol=0, atol=1e-5)
 
     summary = train(cfg, Hooks(progress=False, on_start=on_start, on_batch=on_batch))
     return summary, placements, nodes
