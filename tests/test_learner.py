@@ -106,3 +106,33 @@ def test_two_workers_return_rows_in_prompt_order(roles):
         for w in workers:
             ray.kill(w)
         release(placement)
+
+
+def test_metrics_over_micro_batches_equal_the_whole_batch_loss(roles):
+    """Split into many token-budget micro-batches, the reported MiniLLM loss terms equal the loss of
+    the whole batch computed directly (minillm_loss on the same weights, before the update)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from minillm.policy_gradient import minillm_loss
+    from rollout.forward import response_logits
+    from trainer.objective import teacher_kwargs
+
+    cfg, _, workers, teacher = roles
+    small = load_config(None, ["trainer.micro_batch_tokens=12", "trainer.warmup_steps=0", "trainer.num_cpus=1",
+                               "rollout.num_cpus=1", "teacher.backend=http", "teacher.url=x", "teacher.return_full=false"])
+    placement = create_placement(small)
+    try:
+        learner = start_learners(small, placement["learner"])
+        batch = generate(workers, _prompts(), SamplingSettings(max_new_tokens=6, eos_token_id=2, seed=21, n=2))
+        scores = score(teacher, batch, cfg)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_path(cfg.model.student)))
+        model.load_state_dict(ray.get(learner[0].state_dict_cpu.remote()))
+        with torch.no_grad():
+            _, ref = minillm_loss(response_logits(model, batch), batch.response_tokens(), batch.response_mask(),
+                                  batch.student_logprobs, scores.token_logprobs, **teacher_kwargs(scores, "cpu"))
+        metrics = train_on(learner, batch, scores, None)
+        for key in ("loss", "pg_loss", "single_step_loss", "reward", "reverse_kl"):
+            assert metrics[key] == pytest.approx(float(ref[key]), rel=1e-4, abs=1e-5), key
+        assert metrics["grad_norm"] > 0
+    finally:
+        ray.kill(learner[0])
+        release(placement)

@@ -112,3 +112,17 @@ def test_gkd_two_nodes_two_ranks(two_nodes, tmp_path, zero_stage, lam):
     init = AutoModelForCausalLM.from_pretrained(tmp_path / "rollout_init")
     diffs = [float((a - b).abs().max()) for a, b in zip(final.state_dict().values(), init.state_dict().values())]
     assert min(diffs) > 0, "every tensor changed"
+
+
+@pytest.mark.slow
+def test_minillm_zero3_uneven_micro_batches_with_pretraining_loss(two_nodes, tmp_path):
+    """ZeRO-3 forwards are collective: ranks with fewer micro-batches (and L_PT slots) must still keep step."""
+    cfg = load_config(None, COMMON + ["trainer.zero_stage=3", "trainer.steps=3", f"output_dir={tmp_path}",
+                                      "trainer.micro_batch_tokens=20", "rollout.prompts_per_step=5",
+                                      "objective.pt_weight=0.5", "data.pretrain=builtin:corpus/pretrain.jsonl"])
+    record = []
+    _run(cfg, record)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    for r in rows:
+        assert math.isfinite(r["loss/loss"]) and math.isfinite(r["loss/pt_loss"]) and r["train/grad_norm"] > 0

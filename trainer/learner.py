@@ -143,21 +143,36 @@ class Learner:
                             sums[k] = sums.get(k, 0.0) + float(v) * n_tok
                 else:  # an empty slot: keeps collectives in step with ranks that have more data
                     loss = loss + self._dummy_loss()
-                if i < len(pt_groups) and self.obj.pt_weight > 0:
-                    pt_loss = lm_batch_loss(self.engine, pretrain.select(pt_groups[i]), global_pretrain_tokens)
+                if self.obj.pt_weight > 0:  # every rank runs an L_PT forward in every slot (ZeRO-3)
+                    if i < len(pt_groups):
+                        pt_loss = lm_batch_loss(self.engine, pretrain.select(pt_groups[i]), global_pretrain_tokens)
+                        if epoch == 0:  # this rank's share of the global mean: scale like the rest
+                            sums["pt_loss"] = sums.get("pt_loss", 0.0) + float(pt_loss.detach()) * global_tokens
+                    else:
+                        pt_loss = self._dummy_loss()
                     loss = loss + self.obj.pt_weight * pt_loss
-                    if epoch == 0:  # pt_loss is this rank's share of the global mean: scale like the rest
-                        sums["pt_loss"] = sums.get("pt_loss", 0.0) + float(pt_loss.detach()) * global_tokens
                 self.engine.set_gradient_accumulation_boundary(i == n_micro - 1)
                 self.engine.backward(loss * self.world_size)
-            self.engine.step()  # also steps the LR scheduler
+            lr = self.scheduler.get_last_lr()[0]  # the rate this update uses
+            grad_norm = self._grad_norm()
+            self.engine.step()  # clips, updates, steps the LR scheduler
             self.global_step += 1
-        return {"sums": sums, "tokens": int(batch.response_lens.sum()), "lr": self.scheduler.get_last_lr()[0],
-                "grad_norm": float(self.engine.get_global_grad_norm() or 0.0)}
+        if grad_norm is None:
+            grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
+        return {"sums": sums, "tokens": int(batch.response_lens.sum()), "lr": lr, "grad_norm": grad_norm}
+
+    def _grad_norm(self) -> Optional[float]:
+        """Pre-clipping global gradient norm. DeepSpeed records it for ZeRO 1-3 at step time; at
+        stage 0 with a torch optimizer it does not, and the (already averaged) grads are read here."""
+        if self.cfg.zero_stage != 0:
+            return None
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
     def _dummy_loss(self) -> torch.Tensor:
-        ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        return self.engine(input_ids=ids).logits.sum() * 0.0
+        """A zero loss through the same forward path as real micro-batches (same collectives under ZeRO-3)."""
+        one = RolloutBatch.from_lists([[0]], [[0]], pad_token_id=0)
+        return response_logits(self.engine, one).sum() * 0.0
 
     def _agree_max(self, n: int) -> int:
         import torch.distributed as dist

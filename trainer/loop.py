@@ -164,7 +164,8 @@ def train_on(learners: list, batch: RolloutBatch, scores: TeacherScores, pretrai
         pt = pretrain.select(pt_rows.tolist()) if pretrain is not None and len(pt_rows) else None
         refs.append(learners[rank].train_step.remote(shard, shard_scores, global_tokens, pt, pt_tokens))
     outs = ray.get(refs)
-    metrics = {k: sum(o["sums"].get(k, 0.0) for o in outs) / max(global_tokens, 1) for k in outs[0]["sums"]}
+    keys = sorted(set().union(*(o["sums"] for o in outs)))  # a rank with no rows reports nothing
+    metrics = {k: sum(o["sums"].get(k, 0.0) for o in outs) / max(global_tokens, 1) for k in keys}
     metrics.update(lr=outs[0]["lr"], grad_norm=outs[0]["grad_norm"])
     return metrics
 

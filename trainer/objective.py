@@ -63,7 +63,11 @@ def objective_loss(model, batch: RolloutBatch, scores: TeacherScores, cfg: Objec
             alpha=batch.mix_alpha, clip_eps=cfg.clip_eps, length_norm=cfg.length_norm, gamma=cfg.gamma,
             include_current=cfg.include_current, whiten=cfg.whiten, importance=cfg.importance,
             single_step=cfg.single_step, num_tokens=global_tokens)
-        return loss, {k: float(v) for k, v in metrics.items()}
+        # the loss terms are this micro-batch's share of the global mean; report them (like the other
+        # metrics) as this micro-batch's mean, which the learner weights by its token count
+        share_to_mean = global_tokens / max(int(mask.sum()), 1)
+        return loss, {k: float(v) * (share_to_mean if k in ("loss", "pg_loss", "single_step_loss") else 1.0)
+                      for k, v in metrics.items()}
     if not teacher:
         raise ValueError(f"objective {cfg.name} needs the teacher's distribution: set teacher.return_full=true "
                          f"or teacher.topk>0")
