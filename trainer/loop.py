@@ -26,6 +26,7 @@ from trainer.data import PromptData, read_records
 from trainer.evaluate import reverse_kl_estimate
 from trainer.export import export_checkpoint
 from trainer.learner import Learner, node_address
+from trainer.objective import select_scores
 
 log = logging.getLogger("minillm")
 EVAL_SAMPLES_PER_PROMPT = 4
@@ -121,12 +122,10 @@ def start_rollout(cfg: RunConfig, placement: RolePlacement, model_path: str, tea
 # ---- one step's phases ------------------------------------------------------------------------
 
 
-def sampling(cfg: RunConfig, tokenizer, seed: int, n: Optional[int] = None, max_new_tokens: Optional[int] = None) -> SamplingSettings:
+def sampling(cfg: RunConfig, tokenizer, seed: int, n: Optional[int] = None) -> SamplingSettings:
     r = cfg.rollout
-    extra = {"mix_alpha": r.mix_alpha} if r.mix_alpha > 0 else {}
-    return SamplingSettings(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                            max_new_tokens=max_new_tokens or r.max_new_tokens, n=n or r.n_samples,
-                            eos_token_id=tokenizer.eos_token_id, seed=seed, **extra)
+    return SamplingSettings(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
+                            n=n or r.n_samples, eos_token_id=tokenizer.eos_token_id, seed=seed, mix_alpha=r.mix_alpha)
 
 
 def generate(workers: list, prompts: list[list[int]], settings: SamplingSettings) -> RolloutBatch:
@@ -160,7 +159,7 @@ def train_on(learners: list, batch: RolloutBatch, scores: TeacherScores, pretrai
     for rank, (rows, pt_rows) in enumerate(zip(shards, pt_shards)):
         rows = rows.tolist()
         shard = batch.select(rows) if rows else batch.select([])
-        shard_scores = _select_scores(scores, rows, shard.max_response_len)
+        shard_scores = select_scores(scores, rows, shard.max_response_len)
         pt = pretrain.select(pt_rows.tolist()) if pretrain is not None and len(pt_rows) else None
         refs.append(learners[rank].train_step.remote(shard, shard_scores, global_tokens, pt, pt_tokens))
     outs = ray.get(refs)
@@ -170,19 +169,14 @@ def train_on(learners: list, batch: RolloutBatch, scores: TeacherScores, pretrai
     return metrics
 
 
-def _select_scores(scores: TeacherScores, rows: list[int], T: int) -> TeacherScores:
-    from trainer.objective import select_scores
-    return select_scores(scores, rows, T)
-
-
 # ---- evaluation and outputs -------------------------------------------------------------------
 
 
 def evaluate(cfg: RunConfig, roles: Roles, eval_data: PromptData, tokenizer) -> dict[str, float]:
     """Reverse KL of the current student on held-out prompts (fixed sampling seed: same every call)."""
     prompts = eval_data.prompts
-    settings = dataclasses.replace(sampling(cfg, tokenizer, seed=10_000_019, n=EVAL_SAMPLES_PER_PROMPT), mix_alpha=0.0) \
-        if cfg.rollout.mix_alpha > 0 else sampling(cfg, tokenizer, seed=10_000_019, n=EVAL_SAMPLES_PER_PROMPT)
+    # the student's own distribution, never the teacher-mixed proposal
+    settings = dataclasses.replace(sampling(cfg, tokenizer, seed=10_000_019, n=EVAL_SAMPLES_PER_PROMPT), mix_alpha=0.0)
     batch = generate(roles.rollout, prompts, settings)
     return reverse_kl_estimate(batch, score(roles.teacher, batch, cfg))
 
