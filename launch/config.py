@@ -75,6 +75,8 @@ class DataConfig:
     eval_prompts (str, *optional*): held-out prompts for the before/after reverse-KL report.
     num_eval_prompts (int, *optional*, defaults to 32).
     pretrain (str, *optional*): text data (`.jsonl` with a `text` field) for MiniLLM's L_PT loss.
+    pretrain_max_len (int, *optional*, defaults to 512): pretraining documents are cut into windows
+        of at most this many tokens (BOS as the tokenizer adds it, EOS closing each document).
     max_prompt_len (int, *optional*, defaults to 256): longer prompts are an error, not truncated.
     """
 
@@ -85,11 +87,14 @@ class DataConfig:
     eval_prompts: Optional[str] = "builtin:corpus/prompts_eval.jsonl"
     num_eval_prompts: int = 32
     pretrain: Optional[str] = None
+    pretrain_max_len: int = 512
     max_prompt_len: int = 256
 
     def validate(self) -> None:
         _positive("data.num_eval_prompts", self.num_eval_prompts)
         _positive("data.max_prompt_len", self.max_prompt_len)
+        if self.pretrain_max_len < 2:
+            raise ConfigError(f"data.pretrain_max_len must be >= 2 (one context token and one target), got {self.pretrain_max_len}")
 
 
 @dataclass
@@ -103,8 +108,9 @@ class RolloutConfig:
     prompts_per_step (int, *optional*, defaults to 16): prompts drawn per training step.
     n_samples (int, *optional*, defaults to 1): samples per prompt.
     max_new_tokens (int, *optional*, defaults to 32).
-    temperature, top_p, top_k: sampling settings. On-policy objectives assume the defaults
-        (1.0, 1.0, 0 = off); other values sample from a different policy than the one trained.
+    temperature, top_p, top_k: sampling settings (defaults 1.0, 1.0, 0 = off). MiniLLM requires the
+        defaults (its policy gradient is over y ~ q_θ); for the divergence objectives they only choose
+        the prefixes on which the divergence is taken.
     mix_alpha (float, *optional*, defaults to 0.0): MiniLLM teacher-mixed sampling, each token
         drawn from α·p + (1−α)·q_θ (arXiv 2306.08543 §2.2); 0 is plain student sampling.
     seed (int, *optional*, defaults to 0).
@@ -113,6 +119,11 @@ class RolloutConfig:
         while the learner trains; for the single-GPU mode.
     enforce_eager (bool, *optional*, defaults to False): vLLM without CUDA graphs (faster start).
     sync_bucket_mb (int, *optional*, defaults to 256): weight-sync flat bucket size.
+    weight_sync (str, *optional*, defaults to "auto"): how new weights reach the rollout workers:
+        "object_store" (CPU-staged buckets through Ray's object store), "broadcast" (learner rank 0
+        broadcasts each bucket: NCCL on GPU, gloo on CPU), "cuda_ipc" (vLLM on the learner's own GPU:
+        zero-copy handles). "auto": object_store on CPU or with the hf backend; with vllm, cuda_ipc when
+        one learner rank and the rollout share one GPU (the single-GPU mode), else broadcast.
     num_cpus (float, *optional*, defaults to 1): CPUs per rollout worker actor.
     num_gpus (float, *optional*, defaults to 1): GPUs per rollout worker with tensor_parallel_size=1
         (a fraction shares a GPU with other roles: the single-GPU mode); with tensor parallelism each
@@ -134,6 +145,7 @@ class RolloutConfig:
     sleep_mode: bool = False
     enforce_eager: bool = False
     sync_bucket_mb: int = 256
+    weight_sync: Literal["auto", "object_store", "broadcast", "cuda_ipc"] = "auto"
     num_cpus: float = 1.0
     num_gpus: float = 1.0
 
@@ -362,12 +374,23 @@ class RunConfig:
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate()
+        r = self.rollout
+        if self.objective.name == "minillm" and (r.temperature != 1.0 or r.top_p < 1.0 or r.top_k > 0):
+            # the policy gradient's expectation is over y ~ q_θ itself; a tempered or truncated sampler is
+            # another policy, and the rollout's log q (raw) would not be the sampler's probabilities
+            raise ConfigError(f"objective.name=minillm samples from the student itself: rollout.temperature must "
+                              f"be 1.0, top_p 1.0 and top_k 0 (got {r.temperature}, {r.top_p}, {r.top_k})")
         if self.rollout.mix_alpha > 0 and self.objective.name != "minillm":
             raise ConfigError("rollout.mix_alpha (teacher-mixed sampling) is for objective.name=minillm")
         if self.objective.pt_weight > 0 and not self.data.pretrain:
             raise ConfigError("objective.pt_weight > 0 needs data.pretrain (a .jsonl with a 'text' field)")
         if self.rollout.backend == "vllm" and self.trainer.device != "cuda":
             raise ConfigError("rollout.backend=vllm needs a GPU: set trainer.device=cuda (or rollout.backend=hf)")
+        if r.sleep_mode and r.backend != "vllm":
+            raise ConfigError("rollout.sleep_mode is a vLLM feature: set rollout.backend=vllm or sleep_mode=false")
+        if r.weight_sync == "cuda_ipc" and (r.backend != "vllm" or r.tensor_parallel_size != 1 or self.trainer.num_ranks != 1):
+            raise ConfigError("rollout.weight_sync=cuda_ipc is for vLLM workers without tensor parallelism on the GPU "
+                              "of a single learner rank; use weight_sync=broadcast (or auto)")
         if self.teacher.backend != "ray" and self.teacher.return_full:
             raise ConfigError(f"teacher.return_full is only served by teacher.backend=ray; "
                               f"set teacher.return_full=false and teacher.topk>0 for {self.teacher.backend!r}")

@@ -105,3 +105,15 @@ class HFRolloutBackend:
 
     def load_bucket(self, flat: torch.Tensor, metas: list[TensorMeta]) -> int:
         return load_bucket(self.model, flat, metas)
+
+    def init_weight_update_group(self, backend: str, host: str, port: int, rank_offset: int, world_size: int) -> None:
+        """Join the learner's broadcast group (`rollout.collective`) as rank `rank_offset`."""
+        from rollout.collective import BroadcastGroup
+
+        self._broadcast = BroadcastGroup(backend, host, port, rank_offset, world_size, device=self.device)
+
+    def load_bucket_broadcast(self, metas: list[TensorMeta]) -> int:
+        """Receive one bucket broadcast by learner rank 0 (buckets arrive in the learner's plan order)."""
+        flat = torch.empty(sum(m["numel"] for m in metas), dtype=getattr(torch, metas[0]["dtype"]), device=self.device)
+        self._broadcast.broadcast(flat, src=0)
+        return load_bucket(self.model, flat, metas)

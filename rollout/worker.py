@@ -16,7 +16,11 @@ class RolloutWorker:
     Protocol (the actor's public methods):
       generate(prompts, settings) -> RolloutBatch     token ids in, token ids + log q out
       logprobs(batch) -> (N, T) tensor                 log q of given tokens under current weights
-      update_weights(buckets) -> int                   [(flat ref, metas)], one per bucket
+      update_weights(buckets) -> int                   [(flat ref, metas)], one per bucket (object store)
+      update_weights_ipc(buckets) -> int               [(CUDA IPC handle, metas)] (vllm, same GPU)
+      init_weight_update_group(...) +
+      update_weights_broadcast(plan) -> int            buckets broadcast by learner rank 0
+      sleep() / wake_up()                              free / restore the engine's GPU memory (vllm)
       weights_version() -> int                         how many syncs this worker has taken
     """
 
@@ -56,19 +60,25 @@ class RolloutWorker:
 
     # ---- GPU-only extras (vllm backend) ------------------------------------------------------
 
-    def update_weights_ipc(self, buckets: list[tuple[bytes, list[TensorMeta]]]) -> int:
-        """Same GPU as the learner: (pickled CUDA IPC handle from `rollout.vllm_backend.ipc_handle`, metas)."""
+    def update_weights_ipc(self, buckets: list[tuple[bytes, list[TensorMeta]]], complete: bool = True) -> int:
+        """Same GPU as the learner: (pickled CUDA IPC handle from `rollout.vllm_backend.ipc_handle`, metas).
+        complete=False: more buckets of this update follow in later calls (the version moves on the last)."""
         n = sum(self.backend.load_bucket_ipc(handle, metas) for handle, metas in buckets)
-        self.version += 1
+        self.version += int(complete)
         return n
 
-    def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
-        """Separate GPUs: join the NCCL group whose rank 0 is the learner (`LearnerNcclSender`)."""
-        self.backend.init_weight_update_group(master_address, master_port, rank_offset, world_size)
+    def gpu_uuid(self) -> Optional[str]:
+        """The GPU this worker sees (the same-GPU path checks it is the learner's)."""
+        return str(torch.cuda.get_device_properties(0).uuid) if torch.cuda.is_available() else None
 
-    def update_weights_nccl(self, bucket_metas: list[list[TensorMeta]]) -> int:
-        """Receive each bucket by NCCL broadcast; the learner broadcasts them in the same order."""
-        n = sum(self.backend.load_bucket_nccl(metas) for metas in bucket_metas)
+    def init_weight_update_group(self, backend: str, host: str, port: int, rank_offset: int, world_size: int) -> None:
+        """Join the broadcast group whose rank 0 is the learner (`rollout.collective`; "nccl" on GPU,
+        "gloo" on CPU); this worker's engine ranks are rank_offset.. ."""
+        self.backend.init_weight_update_group(backend, host, port, rank_offset, world_size)
+
+    def update_weights_broadcast(self, plan: list[list[TensorMeta]]) -> int:
+        """Receive each bucket of `plan` by broadcast; the learner sends them in the same order."""
+        n = sum(self.backend.load_bucket_broadcast(metas) for metas in plan)
         self.version += 1
         return n
 

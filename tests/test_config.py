@@ -53,6 +53,27 @@ def test_cross_field_rules():
         load_config(None, ["teacher.backend=http", "teacher.return_full=false"])
     with pytest.raises(ConfigError, match="mix_alpha .* is for objective.name=minillm"):
         load_config(None, ["objective.name=gkd", "rollout.mix_alpha=0.2"])
+    for sampler in ("rollout.temperature=0.7", "rollout.top_p=0.9", "rollout.top_k=50"):
+        with pytest.raises(ConfigError, match="minillm samples from the student itself"):
+            load_config(None, [sampler])
+        load_config(None, ["objective.name=gkd", sampler])  # a divergence objective takes any sampler
+    with pytest.raises(ConfigError, match="data.pretrain_max_len must be >= 2"):
+        load_config(None, ["data.pretrain_max_len=1"])
+    with pytest.raises(ConfigError, match="sleep_mode is a vLLM feature"):
+        load_config(None, ["rollout.sleep_mode=true"])
+    with pytest.raises(ConfigError, match="weight_sync=cuda_ipc is for vLLM workers"):
+        load_config(None, ["rollout.weight_sync=cuda_ipc"])
+
+
+def test_weight_sync_auto_picks_the_path_of_the_setup():
+    from trainer.sync import resolve_path as sync_path
+
+    assert sync_path(load_config(None, [])) == "object_store"  # CPU
+    assert sync_path(load_config(None, ["rollout.weight_sync=broadcast"])) == "broadcast"
+    assert sync_path(load_config("single_gpu", [])) == "cuda_ipc"  # one learner rank + vLLM sharing one GPU
+    multi = load_config("qwen2.5-7b_to_0.5b", [])
+    assert sync_path(multi) == "broadcast"
+    assert sync_path(load_config("single_gpu", ["rollout.backend=hf", "rollout.sleep_mode=false"])) == "object_store"
 
 
 def test_unknown_section_and_non_mapping():

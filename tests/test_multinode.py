@@ -49,6 +49,7 @@ def _run(cfg, record):
         for role, p in roles.placement.items():
             placements[role] = list(placement_group_table(p.group)["bundles_to_node_id"].values())
         nodes["learners"] = [ray.get(lr.ready.remote())["node_id"] for lr in roles.learners]
+        nodes["sync"] = roles.sync.path
 
     def on_batch(step, batch):
         record.append((step, batch))
@@ -70,13 +71,16 @@ def _rows(batch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage, lam", [(1, 0.0), (3, 1.0), (3, 0.5)])
-def test_gkd_two_nodes_two_ranks(two_nodes, tmp_path, zero_stage, lam):
+# (3, 1.0) sends weights by broadcast (gloo) from learner rank 0 to the worker on the other node;
+# on_batch checks every step that the worker's log-probs equal the sharded learner's
+@pytest.mark.parametrize("zero_stage, lam, sync", [(1, 0.0, "object_store"), (3, 1.0, "broadcast"), (3, 0.5, "object_store")])
+def test_gkd_two_nodes_two_ranks(two_nodes, tmp_path, zero_stage, lam, sync):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     steps = 4
     cfg = load_config(None, COMMON + [f"trainer.zero_stage={zero_stage}", "objective.name=gkd", f"objective.lam={lam}",
-                                      f"trainer.steps={steps}", f"output_dir={tmp_path}", "trainer.lr=1e-2"])
+                                      f"trainer.steps={steps}", f"output_dir={tmp_path}", "trainer.lr=1e-2",
+                                      f"rollout.weight_sync={sync}"])
     record = []
     summary, placements, nodes = _run(cfg, record)
 
@@ -86,6 +90,7 @@ def test_gkd_two_nodes_two_ranks(two_nodes, tmp_path, zero_stage, lam):
     assert len(set(placements["learner"])) == 2
     assert nodes["learners"] == placements["learner"]
     assert set(sum(placements.values(), [])) == node_ids
+    assert nodes["sync"] == sync
 
     # the data path of every batch follows the seeded λ draw
     mixer = OnPolicyMixer(lam, seed=cfg.trainer.seed)

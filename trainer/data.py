@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from launch.config import ConfigError, DataConfig, resolve_path
+from rollout.types import RolloutBatch
 
 
 def read_records(spec: str) -> list[dict]:
@@ -30,7 +31,37 @@ def read_records(spec: str) -> list[dict]:
     raise ConfigError(f"data file {spec!r}: expected .jsonl or .parquet, or hf:NAME[:SPLIT]")
 
 
-class PromptData:
+class SeededOrder:
+    """Indices 0..n-1 in a fresh seeded shuffle per epoch; (epoch, cursor) is the resumable position."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.cursor = n, seed, 0, 0
+        self.order = self._order()
+
+    def _order(self) -> list[int]:
+        idx = list(range(self.n))
+        random.Random(self.seed + self.epoch).shuffle(idx)
+        return idx
+
+    def next_indices(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.cursor == len(self.order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self.order = self._order()
+            out.append(self.order[self.cursor])
+            self.cursor += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self.order = self._order()
+
+
+class PromptData(SeededOrder):
     """Tokenised prompts (and, where present, the dataset's responses), served in a seeded order.
 
     The position (epoch, cursor) is part of the checkpoint so a resumed run draws the same prompts.
@@ -56,30 +87,35 @@ class PromptData:
             resp = row.get(cfg.response_key)
             self.responses.append(None if resp is None else
                                   tokenizer(resp, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
-        self.seed, self.epoch, self.cursor = seed, 0, 0
-        self.order = self._order()
+        super().__init__(len(self.prompts), seed)
 
-    def _order(self) -> list[int]:
-        idx = list(range(len(self.prompts)))
-        random.Random(self.seed + self.epoch).shuffle(idx)
-        return idx
 
-    def next_indices(self, n: int) -> list[int]:
-        out = []
-        while len(out) < n:
-            if self.cursor == len(self.order):
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self.order = self._order()
-            out.append(self.order[self.cursor])
-            self.cursor += 1
-        return out
+class PretrainData(SeededOrder):
+    """MiniLLM's L_PT text: each document tokenised (with the tokenizer's BOS, if it adds one) and closed
+    by EOS, then cut into windows of at most `max_len` tokens, served in a seeded order.
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
+    Windows stay inside one document (no packing across documents, so no token attends to another
+    document). In a window the first token is the context and the rest are the LM targets.
+    """
 
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
-        self.order = self._order()
+    def __init__(self, records: list[dict], tokenizer, max_len: int, source: str, seed: int = 0,
+                 text_key: str = "text"):
+        if max_len < 2:
+            raise ConfigError(f"data.pretrain_max_len must be >= 2 (one context token and one target), got {max_len}")
+        self.windows: list[list[int]] = []
+        for i, row in enumerate(records):
+            text = row.get(text_key)
+            if not isinstance(text, str):
+                raise ConfigError(f"{source} row {i} has no string field {text_key!r}; fields: {', '.join(row)}")
+            ids = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+            self.windows += [w for w in (ids[j:j + max_len] for j in range(0, len(ids), max_len)) if len(w) >= 2]
+        if not self.windows:
+            raise ConfigError(f"{source}: no text of at least 2 tokens")
+        super().__init__(len(self.windows), seed)
+
+    def next_batch(self, n: int, pad_token_id: int) -> RolloutBatch:
+        wins = [self.windows[i] for i in self.next_indices(n)]
+        return RolloutBatch.from_lists([w[:1] for w in wins], [w[1:] for w in wins], pad_token_id, source="dataset")
 
 
 def encode_prompt(tokenizer, prompt, chat_template: bool) -> list[int]:

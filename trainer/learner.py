@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
 from launch.config import ObjectiveConfig, TrainerConfig, resolve_path
 from rollout.forward import response_logits
 from rollout.types import RolloutBatch
-from rollout.weight_sync import bucket_plan, pack
+from rollout.weight_sync import TensorMeta, bucket_plan, pack
 from teacher.types import TeacherScores
 from trainer.objective import lm_batch_loss, objective_loss, select_scores
 
@@ -115,7 +115,8 @@ class Learner:
                    pretrain: Optional[RolloutBatch] = None, global_pretrain_tokens: int = 0) -> dict:
         """One rollout's worth of updates (objective.ppo_epochs optimizer steps).
 
-        Returns {"sums": token-weighted metric sums of the first epoch, "tokens", "lr", "grad_norm"};
+        Returns {"sums": token-weighted metric sums of the first epoch, "tokens", and the first
+        epoch's "lr" and pre-clipping "grad_norm"};
         the driver adds the sums over ranks and divides by the global token count.
 
         `global_tokens` is the response-token count over all ranks: each rank's loss is a sum over
@@ -153,12 +154,13 @@ class Learner:
                     loss = loss + self.obj.pt_weight * pt_loss
                 self.engine.set_gradient_accumulation_boundary(i == n_micro - 1)
                 self.engine.backward(loss * self.world_size)
-            lr = self.scheduler.get_last_lr()[0]  # the rate this update uses
-            grad_norm = self._grad_norm()
+            if epoch == 0:  # like the metric sums: the on-policy (first) update's figures
+                lr = self.scheduler.get_last_lr()[0]  # the rate this update uses
+                grad_norm = self._grad_norm()
             self.engine.step()  # clips, updates, steps the LR scheduler
             self.global_step += 1
-        if grad_norm is None:
-            grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
+            if epoch == 0 and grad_norm is None:  # ZeRO 1-3: DeepSpeed's pre-clipping norm of this step
+                grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
         return {"sums": sums, "tokens": int(batch.response_lens.sum()), "lr": lr, "grad_norm": grad_norm}
 
     def _grad_norm(self) -> Optional[float]:
@@ -195,27 +197,77 @@ class Learner:
     def _named_params(self):
         return list(self.engine.module.named_parameters())
 
-    def export_weights(self, bucket_mb: int) -> list[tuple]:
-        """Pack the weights into flat buckets; rank 0 returns [(ObjectRef, metas)], others [].
+    def address(self) -> tuple[str, int]:
+        """This rank's node IP and a free port there (rank 0 hosts the weight broadcast's rendezvous)."""
+        return node_address()
 
-        Under ZeRO-3 every rank must call: parameters are gathered one bucket at a time, so no rank
-        ever holds more than one bucket of full parameters beyond its own shard.
-        """
-        import ray
+    def gpu_uuid(self) -> Optional[str]:
+        return str(torch.cuda.get_device_properties(self.device).uuid) if self.device.type == "cuda" else None
+
+    def weight_plan(self, bucket_mb: int) -> list[list[TensorMeta]]:
+        """The flat buckets the weights travel in (same on every rank: full shapes under ZeRO-3)."""
+        return bucket_plan([(n, getattr(p, "ds_shape", p.shape), p.dtype) for n, p in self._named_params()],
+                           bucket_mb * 2**20)
+
+    def _gathered_buckets(self, bucket_mb: int, device) -> Iterator[tuple[Optional[torch.Tensor], list[TensorMeta]]]:
+        """(flat bucket on rank 0 / None elsewhere, metas) per bucket. Under ZeRO-3 every rank must
+        iterate: parameters are gathered one bucket at a time, so no rank ever holds more than one
+        bucket of full parameters beyond its own shard."""
         import deepspeed
 
-        named = self._named_params()
-        shapes = [(n, getattr(p, "ds_shape", p.shape), p.dtype) for n, p in named]
-        plan = bucket_plan(shapes, bucket_mb * 2**20)
-        by_name = dict(named)
-        out = []
-        for metas in plan:
+        by_name = dict(self._named_params())
+        for metas in self.weight_plan(bucket_mb):
             params = [by_name[m["name"]] for m in metas]
             with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.zero_stage == 3):
-                if self.rank == 0:
-                    flat = pack(params, metas, device="cpu")
-                    out.append((ray.put(flat), metas))
-        return out
+                yield (pack(params, metas, device=device) if self.rank == 0 else None), metas
+
+    def export_weights(self, bucket_mb: int) -> list[tuple]:
+        """Object-store path: rank 0 returns [(ObjectRef of a CPU flat bucket, metas)], others []."""
+        import ray
+
+        return [(ray.put(flat), metas) for flat, metas in self._gathered_buckets(bucket_mb, "cpu") if flat is not None]
+
+    def init_weight_broadcast(self, backend: str, host: str, port: int, world_size: int) -> None:
+        """Rank 0 joins the broadcast group with the rollout engines as its rank 0 (`rollout.collective`);
+        the workers must join at the same time (their `init_weight_update_group`)."""
+        from rollout.collective import BroadcastGroup
+
+        if self.rank == 0:
+            self._broadcast = BroadcastGroup(backend, host, port, 0, world_size, device=self.device)
+
+    def broadcast_weights(self, bucket_mb: int) -> int:
+        """Broadcast path: rank 0 sends each bucket from its device, in `weight_plan` order; every rank
+        must call (ZeRO-3 gathers). Returns the tensors sent (0 on other ranks)."""
+        n = 0
+        for flat, metas in self._gathered_buckets(bucket_mb, self.device):
+            if flat is not None:
+                self._broadcast.broadcast(flat, src=0)
+                n += len(metas)
+        return n
+
+    def begin_ipc_export(self, bucket_mb: int) -> int:
+        """Same-GPU path: start handing out buckets one at a time (`next_ipc_bucket`); returns their count."""
+        self._ipc_iter = self._gathered_buckets(bucket_mb, self.device)
+        self._ipc_flat = None
+        return len(self.weight_plan(bucket_mb))
+
+    def next_ipc_bucket(self) -> Optional[tuple[bytes, list[TensorMeta]]]:
+        """Rank 0: (CUDA IPC handle, metas) of the next bucket, which stays alive (and unchanged) until the
+        next call; other ranks: None (they only take part in the ZeRO-3 gather). Every rank must call."""
+        from rollout.vllm_backend import ipc_handle
+
+        self._ipc_flat = None  # the engine has loaded the previous bucket: release it
+        flat, metas = next(self._ipc_iter)
+        if flat is None:
+            return None
+        self._ipc_flat = flat
+        return ipc_handle(flat), metas
+
+    def end_ipc_export(self) -> None:
+        """After the last bucket: release it and close the last ZeRO-3 gather (every rank must call)."""
+        self._ipc_flat = None
+        for _ in self._ipc_iter:
+            raise RuntimeError("end_ipc_export: buckets were left unsent")
 
     def state_dict_cpu(self) -> dict[str, torch.Tensor]:
         """Full weights on rank 0 (others: {}), gathered bucket by bucket under ZeRO-3."""

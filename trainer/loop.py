@@ -22,11 +22,12 @@ from rollout.worker import RolloutWorkerActor
 from teacher.ray_pool import balance_rows
 from teacher.types import TeacherScores
 from trainer import checkpoint as ckpt
-from trainer.data import PromptData, read_records
+from trainer.data import PretrainData, PromptData, read_records
 from trainer.evaluate import reverse_kl_estimate
 from trainer.export import export_checkpoint
 from trainer.learner import Learner, node_address
 from trainer.objective import select_scores
+from trainer.sync import WeightSync
 
 log = logging.getLogger("minillm")
 EVAL_SAMPLES_PER_PROMPT = 4
@@ -39,6 +40,7 @@ class Roles:
     teacher: object  # TeacherPool | HttpTeacherClient | VllmServerTeacherClient
     teacher_sampler: Optional[object] = None  # a rollout worker on the teacher's weights (seq_kd)
     placement: Optional[dict[str, RolePlacement]] = None
+    sync: Optional[WeightSync] = None  # learner → rollout weights, after every update
 
 
 # ---- setup ------------------------------------------------------------------------------------
@@ -142,12 +144,6 @@ def score(teacher, batch: RolloutBatch, cfg: RunConfig) -> TeacherScores:
                          topk=cfg.teacher.topk, return_full=cfg.teacher.return_full)
 
 
-def sync_weights(learners: list, workers: list, bucket_mb: int) -> int:
-    """Learner rank 0 → every rollout worker, one object per flat bucket."""
-    buckets = ray.get([lr.export_weights.remote(bucket_mb) for lr in learners])[0]
-    return sum(ray.get([w.update_weights.remote(buckets) for w in workers]))
-
-
 def train_on(learners: list, batch: RolloutBatch, scores: TeacherScores, pretrain: Optional[RolloutBatch]) -> dict:
     """Shard rows over learner ranks (balanced by tokens) and run one update; returns merged metrics."""
     n_ranks = len(learners)
@@ -242,7 +238,7 @@ def find_resume(cfg: RunConfig, out_dir: Path) -> Optional[Path]:
 class Datasets:
     train: PromptData
     eval: Optional[PromptData]
-    pretrain: Optional[PromptData]
+    pretrain: Optional[PretrainData]
 
 
 @dataclasses.dataclass
@@ -265,8 +261,8 @@ def load_data(cfg: RunConfig, tokenizer) -> Datasets:
                                limit=cfg.data.num_eval_prompts)
     pretrain_data = None
     if cfg.objective.pt_weight > 0:
-        pt_cfg = dataclasses.replace(cfg.data, prompt_key="text", chat_template=False, max_prompt_len=10**6)
-        pretrain_data = PromptData(read_records(cfg.data.pretrain), tokenizer, pt_cfg, "data.pretrain", seed=cfg.trainer.seed + 1)
+        pretrain_data = PretrainData(read_records(cfg.data.pretrain), tokenizer, cfg.data.pretrain_max_len, "data.pretrain",
+                                     seed=cfg.trainer.seed + 1)
     needs_dataset = cfg.objective.name != "minillm" and cfg.objective.lam < 1 and not cfg.objective.seq_kd
     if needs_dataset and any(r is None for r in train_data.responses):
         raise ValueError(f"objective.lam={cfg.objective.lam} < 1 uses the dataset's responses, but some rows of "
@@ -309,6 +305,7 @@ def train(cfg: RunConfig, hooks: Optional[Hooks] = None) -> dict:
                       teacher=start_teacher(cfg, placement.get("teacher")), placement=placement)
         if cfg.objective.seq_kd:
             roles.teacher_sampler = start_rollout(cfg, placement["teacher_sampler"], resolve_path(cfg.model.teacher))
+        roles.sync = WeightSync(cfg, learners, roles.rollout)
         if hooks.on_start is not None:
             hooks.on_start(roles)
         return _run(cfg, roles, tokenizer, data, out_dir, resume_from, student_config, hooks)
@@ -367,6 +364,10 @@ def _run(cfg: RunConfig, roles: Roles, tokenizer, data: Datasets, out_dir: Path,
             batch = RolloutBatch.from_lists(prompts, [train_data.responses[i] for i in idx], tokenizer.pad_token_id,
                                             source="dataset")
         timings["time/generate"] = time.perf_counter() - t0
+        if cfg.rollout.sleep_mode:  # single-GPU mode: the engines give their GPU memory to scoring and training
+            t0 = time.perf_counter()
+            ray.get([w.sleep.remote() for w in roles.rollout])
+            timings["time/offload"] = time.perf_counter() - t0
         if hooks.on_batch is not None:
             hooks.on_batch(step + 1, batch)
 
@@ -376,15 +377,18 @@ def _run(cfg: RunConfig, roles: Roles, tokenizer, data: Datasets, out_dir: Path,
 
         pretrain = None
         if pretrain_data is not None:
-            texts = [pretrain_data.prompts[i] for i in pretrain_data.next_indices(cfg.rollout.prompts_per_step)]
-            pretrain = RolloutBatch.from_lists([t[:1] for t in texts], [t[1:] for t in texts], tokenizer.pad_token_id, source="dataset")
+            pretrain = pretrain_data.next_batch(cfg.rollout.prompts_per_step, tokenizer.pad_token_id)
 
         t0 = time.perf_counter()
         metrics = train_on(roles.learners, batch, scores, pretrain)
         timings["time/train"] = time.perf_counter() - t0
 
+        if cfg.rollout.sleep_mode:
+            t0 = time.perf_counter()
+            ray.get([w.wake_up.remote() for w in roles.rollout])
+            timings["time/offload"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        sync_weights(roles.learners, roles.rollout, cfg.rollout.sync_bucket_mb)
+        roles.sync()
         timings["time/sync"] = time.perf_counter() - t0
 
         n_tokens = int(batch.response_lens.sum())
