@@ -9,7 +9,8 @@ import torch
 from launch.config import load_config, resolve_path
 from launch.placement import create_placement, release
 from rollout.types import SamplingSettings
-from trainer.loop import generate, score, start_learners, start_rollout, start_teacher, train_on
+from trainer.loop import generate, score, train_on
+from trainer.roles import start_learners, start_rollout, start_teacher
 from trainer.sync import sync_weights
 
 

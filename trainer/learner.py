@@ -115,14 +115,16 @@ class Learner:
                    pretrain: Optional[RolloutBatch] = None, global_pretrain_tokens: int = 0) -> dict:
         """One rollout's worth of updates (objective.ppo_epochs optimizer steps).
 
-        Returns {"sums": token-weighted metric sums of the first epoch, "tokens", and the first
-        epoch's "lr" and pre-clipping "grad_norm"};
+        Returns {"sums": token-weighted metric sums of the first epoch, "tokens", the first epoch's
+        "lr" and pre-clipping "grad_norm", and "peak_mem_gb" (this rank's CUDA peak; 0 on CPU)};
         the driver adds the sums over ranks and divides by the global token count.
 
         `global_tokens` is the response-token count over all ranks: each rank's loss is a sum over
         its tokens divided by it, times world_size because DeepSpeed averages gradients over ranks.
         """
         self.engine.train()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         lengths = (batch.prompt_lens + batch.response_lens).tolist()
         groups = split_by_tokens(lengths, self.cfg.micro_batch_tokens)
         pt_groups = []
@@ -161,7 +163,9 @@ class Learner:
             self.global_step += 1
             if epoch == 0 and grad_norm is None:  # ZeRO 1-3: DeepSpeed's pre-clipping norm of this step
                 grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
-        return {"sums": sums, "tokens": int(batch.response_lens.sum()), "lr": lr, "grad_norm": grad_norm}
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
+        return {"sums": sums, "tokens": int(batch.response_lens.sum()), "lr": lr, "grad_norm": grad_norm,
+                "peak_mem_gb": peak}
 
     def _grad_norm(self) -> Optional[float]:
         """Pre-clipping global gradient norm. DeepSpeed records it for ZeRO 1-3 at step time; at

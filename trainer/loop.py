@@ -15,110 +15,22 @@ from typing import Callable, Optional
 import ray
 
 from launch.config import RunConfig, resolve_path
-from launch.placement import RolePlacement, create_placement, release
+from launch.placement import create_placement, release
 from minillm.gkd import OnPolicyMixer
 from rollout.types import RolloutBatch, SamplingSettings
-from rollout.worker import RolloutWorkerActor
 from teacher.ray_pool import balance_rows
 from teacher.types import TeacherScores
 from trainer import checkpoint as ckpt
 from trainer.data import PretrainData, PromptData, read_records
 from trainer.evaluate import reverse_kl_estimate
 from trainer.export import export_checkpoint
-from trainer.learner import Learner, node_address
+from trainer.gpu_monitor import GpuMonitor
 from trainer.objective import select_scores
+from trainer.roles import Roles, check_paths, load_tokenizers, start_learners, start_rollout, start_teacher
 from trainer.sync import WeightSync
 
 log = logging.getLogger("minillm")
 EVAL_SAMPLES_PER_PROMPT = 4
-
-
-@dataclasses.dataclass
-class Roles:
-    learners: list
-    rollout: list
-    teacher: object  # TeacherPool | HttpTeacherClient | VllmServerTeacherClient
-    teacher_sampler: Optional[object] = None  # a rollout worker on the teacher's weights (seq_kd)
-    placement: Optional[dict[str, RolePlacement]] = None
-    sync: Optional[WeightSync] = None  # learner → rollout weights, after every update
-
-
-# ---- setup ------------------------------------------------------------------------------------
-
-
-def load_tokenizers(cfg: RunConfig):
-    """The student's tokenizer, checked against the teacher's (if the teacher folder has one)."""
-    from transformers import AutoTokenizer, AutoConfig
-    from teacher.loading import load_tokenizer_if_present
-    from teacher.tokenizer_check import check_tokenizers_compatible
-
-    student_path = resolve_path(cfg.model.tokenizer or cfg.model.student)
-    tok = AutoTokenizer.from_pretrained(student_path)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    if cfg.teacher.backend == "ray":
-        teacher_path = resolve_path(cfg.model.teacher)
-        teacher_tok = load_tokenizer_if_present(teacher_path)
-        if teacher_tok is not None:
-            check_tokenizers_compatible(
-                tok, teacher_tok,
-                student_vocab_size=AutoConfig.from_pretrained(resolve_path(cfg.model.student)).vocab_size,
-                teacher_vocab_size=AutoConfig.from_pretrained(teacher_path).vocab_size)
-    return tok
-
-
-def check_paths(cfg: RunConfig) -> None:
-    """Fail before Ray starts if a model folder is missing."""
-    for key, value in (("model.student", cfg.model.student), ("model.teacher", cfg.model.teacher)):
-        if key == "model.teacher" and cfg.teacher.backend != "ray":
-            continue
-        path = Path(resolve_path(value))
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{key}={value!r}: no config.json in {path}; give a Hugging Face model folder")
-
-
-def start_learners(cfg: RunConfig, placement: RolePlacement) -> list:
-    actor = ray.remote(Learner)
-    n = cfg.trainer.num_ranks
-    opts = lambda i: dict(num_cpus=cfg.trainer.num_cpus, num_gpus=cfg.trainer.num_gpus,  # noqa: E731
-                          scheduling_strategy=placement.strategy(i))
-    # rank 0's node address is the rendezvous; ask a task placed on rank 0's bundle for it
-    addr, port = ray.get(ray.remote(node_address).options(num_cpus=0, scheduling_strategy=placement.strategy(0)).remote())
-    common = dict(world_size=n, master_addr=addr, master_port=port, student=cfg.model.student,
-                  student_init=cfg.model.student_init, dtype=cfg.model.dtype,
-                  trainer=dataclasses.asdict(cfg.trainer), objective=dataclasses.asdict(cfg.objective))
-    learners = [actor.options(**opts(i)).remote(rank=i, **common) for i in range(n)]
-    ray.get([lr.ready.remote() for lr in learners])
-    return learners
-
-
-def start_teacher(cfg: RunConfig, placement: Optional[RolePlacement]):
-    t = cfg.teacher
-    if t.backend == "ray":
-        from teacher.ray_pool import TeacherPool
-        return TeacherPool(resolve_path(cfg.model.teacher), num_replicas=t.num_replicas, device=cfg.trainer.device,
-                           dtype=cfg.model.dtype, num_cpus_per_replica=t.num_cpus, num_gpus_per_replica=t.num_gpus,
-                           token_budget=t.token_budget, placement=placement.slots())
-    if t.backend == "http":
-        from teacher.http_client import HttpTeacherClient
-        return HttpTeacherClient(t.url)
-    from teacher.vllm_client import VllmServerTeacherClient
-    return VllmServerTeacherClient(t.url, t.served_model_name or cfg.model.teacher, topk=t.topk)
-
-
-def start_rollout(cfg: RunConfig, placement: RolePlacement, model_path: str, teacher_path: Optional[str] = None) -> list:
-    r = cfg.rollout
-    kwargs = dict(backend=r.backend, dtype=cfg.model.dtype, device=cfg.trainer.device, num_threads=r.num_cpus)
-    if teacher_path is not None:
-        kwargs["teacher_path"] = teacher_path
-    if r.backend == "vllm":
-        kwargs.update(tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
-                      enforce_eager=r.enforce_eager, sleep_mode=r.sleep_mode, seed=r.seed)
-    workers = [RolloutWorkerActor.options(num_cpus=r.num_cpus, num_gpus=r.gpus_per_worker(cfg.trainer.device),
-                                          scheduling_strategy=placement.strategy(i)).remote(model_path, **kwargs)
-               for i in range(r.num_workers)]
-    ray.get([w.ready.remote() for w in workers])
-    return workers
 
 
 # ---- one step's phases ------------------------------------------------------------------------
@@ -162,6 +74,8 @@ def train_on(learners: list, batch: RolloutBatch, scores: TeacherScores, pretrai
     keys = sorted(set().union(*(o["sums"] for o in outs)))  # a rank with no rows reports nothing
     metrics = {k: sum(o["sums"].get(k, 0.0) for o in outs) / max(global_tokens, 1) for k in keys}
     metrics.update(lr=outs[0]["lr"], grad_norm=outs[0]["grad_norm"])
+    if any(o["peak_mem_gb"] for o in outs):
+        metrics["learner_peak_mem_gb"] = max(o["peak_mem_gb"] for o in outs)
     return metrics
 
 
@@ -348,8 +262,10 @@ def _run(cfg: RunConfig, roles: Roles, tokenizer, data: Datasets, out_dir: Path,
     bar = tqdm(range(start_step, cfg.trainer.steps), initial=start_step, total=cfg.trainer.steps, disable=not hooks.progress,
                desc="distilling", dynamic_ncols=True)
     t_run = time.perf_counter()
+    gpu = GpuMonitor.for_device(cfg.trainer.device)  # per-phase peak memory / utilisation (GPU only)
     for step in bar:
-        timings = {}
+        timings, gpu_stats = {}, {}
+        gpu.lap("between_steps")  # evaluation, checkpoints, logging: not a phase of the step
         t0 = time.perf_counter()
         source = mixer.next_source()
         idx = train_data.next_indices(cfg.rollout.prompts_per_step)
@@ -364,16 +280,19 @@ def _run(cfg: RunConfig, roles: Roles, tokenizer, data: Datasets, out_dir: Path,
             batch = RolloutBatch.from_lists(prompts, [train_data.responses[i] for i in idx], tokenizer.pad_token_id,
                                             source="dataset")
         timings["time/generate"] = time.perf_counter() - t0
+        gpu_stats.update(gpu.lap("generate"))
         if cfg.rollout.sleep_mode:  # single-GPU mode: the engines give their GPU memory to scoring and training
             t0 = time.perf_counter()
             ray.get([w.sleep.remote() for w in roles.rollout])
             timings["time/offload"] = time.perf_counter() - t0
+            gpu_stats.update(gpu.lap("sleep"))
         if hooks.on_batch is not None:
             hooks.on_batch(step + 1, batch)
 
         t0 = time.perf_counter()
         scores = score(roles.teacher, batch, cfg)
         timings["time/score"] = time.perf_counter() - t0
+        gpu_stats.update(gpu.lap("score"))
 
         pretrain = None
         if pretrain_data is not None:
@@ -382,19 +301,25 @@ def _run(cfg: RunConfig, roles: Roles, tokenizer, data: Datasets, out_dir: Path,
         t0 = time.perf_counter()
         metrics = train_on(roles.learners, batch, scores, pretrain)
         timings["time/train"] = time.perf_counter() - t0
+        gpu_stats.update(gpu.lap("train"))
 
         if cfg.rollout.sleep_mode:
             t0 = time.perf_counter()
             ray.get([w.wake_up.remote() for w in roles.rollout])
             timings["time/offload"] += time.perf_counter() - t0
+            gpu_stats.update(gpu.lap("wake"))
         t0 = time.perf_counter()
         roles.sync()
         timings["time/sync"] = time.perf_counter() - t0
+        gpu_stats.update(gpu.lap("sync"))
 
         n_tokens = int(batch.response_lens.sum())
         step_time = sum(timings.values())
         record = {f"loss/{k}" if "loss" in k else f"train/{k}": v for k, v in metrics.items()}
         record.update(timings)
+        record.update(gpu_stats)
+        if gpu_stats:
+            record["gpu/mem_peak_gb"] = max(v for k, v in gpu_stats.items() if k.startswith("gpu/mem_peak_gb/"))
         record.update({"time/step": step_time, "rollout/tokens": n_tokens, "rollout/source": source,
                        "rollout/response_len": float(batch.response_lens.float().mean()),
                        "throughput/tokens_per_s": n_tokens / step_time,
@@ -412,9 +337,11 @@ def _run(cfg: RunConfig, roles: Roles, tokenizer, data: Datasets, out_dir: Path,
         if hooks.stop_after is not None and step + 1 - start_step >= hooks.stop_after and step + 1 < cfg.trainer.steps:
             bar.close()
             metrics_log.close()
+            gpu.close()
             return {"stopped_at": step + 1}
     bar.close()
     metrics_log.close()
+    gpu.close()
     train_seconds = time.perf_counter() - t_run
 
     summary = {"steps": cfg.trainer.steps, "train_seconds": train_seconds, "eval_before": before}

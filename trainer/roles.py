@@ -1,0 +1,104 @@
+"""The roles of a run, started as Ray actors on their placement groups: learner ranks, rollout
+workers, the teacher (a Ray pool, or a client of an HTTP / vLLM server), and the weight sync
+between learner and rollout. Also the checks that must fail before any actor starts."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import ray
+
+from launch.config import RunConfig, resolve_path
+from launch.placement import RolePlacement
+from rollout.worker import RolloutWorkerActor
+from trainer.learner import Learner, node_address
+from trainer.sync import WeightSync
+
+
+@dataclasses.dataclass
+class Roles:
+    learners: list
+    rollout: list
+    teacher: object  # TeacherPool | HttpTeacherClient | VllmServerTeacherClient
+    teacher_sampler: Optional[object] = None  # a rollout worker on the teacher's weights (seq_kd)
+    placement: Optional[dict[str, RolePlacement]] = None
+    sync: Optional[WeightSync] = None  # learner → rollout weights, after every update
+
+
+# ---- setup ------------------------------------------------------------------------------------
+
+
+def load_tokenizers(cfg: RunConfig):
+    """The student's tokenizer, checked against the teacher's (if the teacher folder has one)."""
+    from transformers import AutoTokenizer, AutoConfig
+    from teacher.loading import load_tokenizer_if_present
+    from teacher.tokenizer_check import check_tokenizers_compatible
+
+    student_path = resolve_path(cfg.model.tokenizer or cfg.model.student)
+    tok = AutoTokenizer.from_pretrained(student_path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if cfg.teacher.backend == "ray":
+        teacher_path = resolve_path(cfg.model.teacher)
+        teacher_tok = load_tokenizer_if_present(teacher_path)
+        if teacher_tok is not None:
+            check_tokenizers_compatible(
+                tok, teacher_tok,
+                student_vocab_size=AutoConfig.from_pretrained(resolve_path(cfg.model.student)).vocab_size,
+                teacher_vocab_size=AutoConfig.from_pretrained(teacher_path).vocab_size)
+    return tok
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Fail before Ray starts if a model folder is missing."""
+    for key, value in (("model.student", cfg.model.student), ("model.teacher", cfg.model.teacher)):
+        if key == "model.teacher" and cfg.teacher.backend != "ray":
+            continue
+        path = Path(resolve_path(value))
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{key}={value!r}: no config.json in {path}; give a Hugging Face model folder")
+
+
+def start_learners(cfg: RunConfig, placement: RolePlacement) -> list:
+    actor = ray.remote(Learner)
+    n = cfg.trainer.num_ranks
+    opts = lambda i: dict(num_cpus=cfg.trainer.num_cpus, num_gpus=cfg.trainer.num_gpus,  # noqa: E731
+                          scheduling_strategy=placement.strategy(i))
+    # rank 0's node address is the rendezvous; ask a task placed on rank 0's bundle for it
+    addr, port = ray.get(ray.remote(node_address).options(num_cpus=0, scheduling_strategy=placement.strategy(0)).remote())
+    common = dict(world_size=n, master_addr=addr, master_port=port, student=cfg.model.student,
+                  student_init=cfg.model.student_init, dtype=cfg.model.dtype,
+                  trainer=dataclasses.asdict(cfg.trainer), objective=dataclasses.asdict(cfg.objective))
+    learners = [actor.options(**opts(i)).remote(rank=i, **common) for i in range(n)]
+    ray.get([lr.ready.remote() for lr in learners])
+    return learners
+
+
+def start_teacher(cfg: RunConfig, placement: Optional[RolePlacement]):
+    t = cfg.teacher
+    if t.backend == "ray":
+        from teacher.ray_pool import TeacherPool
+        return TeacherPool(resolve_path(cfg.model.teacher), num_replicas=t.num_replicas, device=cfg.trainer.device,
+                           dtype=cfg.model.dtype, num_cpus_per_replica=t.num_cpus, num_gpus_per_replica=t.num_gpus,
+                           token_budget=t.token_budget, placement=placement.slots())
+    if t.backend == "http":
+        from teacher.http_client import HttpTeacherClient
+        return HttpTeacherClient(t.url)
+    from teacher.vllm_client import VllmServerTeacherClient
+    return VllmServerTeacherClient(t.url, t.served_model_name or cfg.model.teacher, topk=t.topk)
+
+
+def start_rollout(cfg: RunConfig, placement: RolePlacement, model_path: str, teacher_path: Optional[str] = None) -> list:
+    r = cfg.rollout
+    kwargs = dict(backend=r.backend, dtype=cfg.model.dtype, device=cfg.trainer.device, num_threads=r.num_cpus)
+    if teacher_path is not None:
+        kwargs["teacher_path"] = teacher_path
+    if r.backend == "vllm":
+        kwargs.update(tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
+                      enforce_eager=r.enforce_eager, sleep_mode=r.sleep_mode, seed=r.seed)
+    workers = [RolloutWorkerActor.options(num_cpus=r.num_cpus, num_gpus=r.gpus_per_worker(cfg.trainer.device),
+                                          scheduling_strategy=placement.strategy(i)).remote(model_path, **kwargs)
+               for i in range(r.num_workers)]
+    ray.get([w.ready.remote() for w in workers])
+    return workers
