@@ -227,7 +227,9 @@ class ObjectiveConfig:
     length_norm (bool, *optional*, defaults to True): MiniLLM length normalisation.
     gamma (float, *optional*, defaults to 1.0): discount (the official code uses 0.95).
     include_current (bool, *optional*, defaults to False): official code's r_t in the return.
-    whiten (bool, *optional*, defaults to False): official code's advantage whitening (masked).
+    whiten (bool, *optional*, defaults to False): official code's advantage whitening (masked). Like the
+        code, which whitens each PPO mini-batch on each GPU, statistics are per learner micro-batch
+        (`trainer.micro_batch_tokens`), so they depend on that budget.
     importance (str, *optional*, defaults to "token"): teacher-mixed importance weights,
         "token" (paper's single-token ratio) or "sequence" (exact products).
     single_step (bool, *optional*, defaults to True): MiniLLM single-step decomposition.

@@ -74,43 +74,89 @@ def reference_scores(model, sequences, prompt_lens, response_lens, topk: int = 0
     return TeacherScores(tok, ids, vals, full)
 
 
-def fake_vllm_app(model, model_name: str, max_model_len: int):
-    """FastAPI app mimicking vLLM's ``/v1/completions`` prompt_logprobs output from a real HF model.
+def fake_vllm_app(model, model_name: str, max_model_len: int, max_logprobs: int = 20):
+    """FastAPI app mimicking vLLM 0.26's ``/v1/completions`` (token-id prompts, ``prompt_logprobs``) from a real HF model.
 
-    Entry j of ``prompt_logprobs`` is None for j = 0, else ``{str(id): {logprob, rank, decoded_token}}``
-    for the top-K ids (ranks 1..K) plus the actual token j with its true 1-based rank.
+    Reproduces the 0.26 response shape: each choice is a ``CompletionResponseChoice``
+    (vllm/entrypoints/openai/completion/protocol.py) whose ``prompt_logprobs`` is
+    ``list[dict[int, Logprob] | None]``, serialised by ``model_dump()`` + JSON (int keys become strings):
+
+    * entry 0 is ``None`` (``vllm.logprobs.create_prompt_logprobs`` appends None first);
+    * entry j >= 1 is built by ``vllm.logprobs.append_logprobs_for_next_position`` from the row
+      [actual token j, top-1, ..., top-K] with ranks ``chain((rank_of_actual,), range(1, K + 1))``: the actual
+      token is the first key and its rank is the number of vocabulary entries whose log-prob is >= its own
+      (``_ranks_kernel`` in vllm/v1/worker/gpu/sample/logprob.py); if it is also among the top-K, the later
+      top-K entry overwrites its value (same logprob, positional rank) but not its key position;
+    * ``Logprob`` is a dataclass ``{logprob, rank, decoded_token}``; -inf log-probs are sent as -9999.0
+      (``clamp_prompt_logprobs``, vllm/entrypoints/generate/base/serving.py).
+    Errors use vLLM's ``ErrorResponse`` body ``{"error": {message, type, param, code}}``: an unknown model is
+    404 NotFoundError; K > ``max_logprobs`` (the server's ``--max-logprobs``, default 20), max_tokens < 1 without
+    echo, and prompt + max_tokens > max_model_len are 400s. Not reproduced: text prompts, sampling (the
+    generated token and ``text`` are placeholders), and the echo ``logprobs`` object.
     """
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
 
     app = FastAPI()
 
+    def error(code: int, err_type: str, message: str, param: str | None = None):
+        return JSONResponse(status_code=code, content={"error": {"message": message, "type": err_type, "param": param, "code": code}})
+
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "max_model_len": max_model_len}]}
+        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "vllm", "root": model_name, "parent": None,
+                "max_model_len": max_model_len, "permission": []}
+        return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions")
     def completions(body: dict):
-        if body.get("model") != model_name:
-            return JSONResponse(status_code=404, content={"error": {"message": f"The model `{body.get('model')}` does not exist."}})
-        prompts = body["prompt"] if isinstance(body["prompt"][0], list) else [body["prompt"]]
-        K = int(body.get("prompt_logprobs") or 0)
+        if body.get("model") not in (None, model_name):
+            return error(404, "NotFoundError", f"The model `{body.get('model')}` does not exist.", "model")
+        prompt = body.get("prompt")
+        if not isinstance(prompt, list) or not prompt or not all(isinstance(x, (int, list)) for x in prompt):
+            return error(400, "BadRequestError", "this fake server takes token-id prompts only", "prompt")
+        prompts = prompt if isinstance(prompt[0], list) else [prompt]
+        max_tokens = body.get("max_tokens")
+        max_tokens = 16 if max_tokens is None else int(max_tokens)
+        echo = bool(body.get("echo"))
+        K = body.get("prompt_logprobs")
+        if K is None and echo:
+            K = body.get("logprobs")
+        if max_tokens < 1 and not (echo and max_tokens == 0):
+            return error(400, "BadRequestError", f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens")
+        if K is not None and (K < -1 or (K if K != -1 else model.config.vocab_size) > max_logprobs):
+            return error(400, "BadRequestError", f"Requested prompt logprobs of {K}, which is greater than max allowed: {max_logprobs}", "prompt_logprobs")
         choices = []
-        for index, ids in enumerate(prompts):
-            with torch.no_grad():
-                logp = torch.log_softmax(model(torch.tensor([ids])).logits.float(), dim=-1)[0]  # (len, V)
-            entries = [None]
-            for j in range(1, len(ids)):
-                row = logp[j - 1]
-                order = torch.argsort(row, descending=True)
-                ranks = torch.empty_like(order)
-                ranks[order] = torch.arange(1, row.numel() + 1)
-                keep = set(order[:K].tolist()) | {ids[j]}
-                entries.append({str(t): {"logprob": float(row[t]), "rank": int(ranks[t]), "decoded_token": f"<{t}>"} for t in keep})
-            choices.append({"index": index, "text": "<x>", "logprobs": None, "finish_reason": "length", "prompt_logprobs": entries})
+        for ids in prompts:
+            n_out = max(max_tokens, 1)
+            if len(ids) + n_out > max_model_len:
+                return error(400, "BadRequestError", f"This model's maximum context length is {max_model_len} tokens. However, you "
+                             f"requested {n_out} output tokens and your prompt contains {len(ids)} input tokens, for a total of "
+                             f"{len(ids) + n_out} tokens. Please reduce the length of the input prompt or the number of requested output tokens.", "input_tokens")
+            entries = None
+            if K is not None:
+                with torch.no_grad():
+                    logp = torch.log_softmax(model(torch.tensor([ids])).logits.float(), dim=-1)[0]  # (len, V)
+                k = logp.shape[-1] if K == -1 else K
+                entries = [None]
+                for j in range(1, len(ids)):
+                    row = logp[j - 1]
+                    actual = int(ids[j])
+                    top = torch.topk(row, k).indices.tolist() if k else []
+                    ranks = [int((row >= row[actual]).sum())] + list(range(1, k + 1))
+                    entry = {}
+                    for t, r in zip([actual] + top, ranks):
+                        v = float(row[t])
+                        entry[str(t)] = {"logprob": -9999.0 if v == float("-inf") else v, "rank": r, "decoded_token": f"<{t}>"}
+                    entries.append(entry)
+            choices.append({"index": len(choices), "text": "<x>", "logprobs": None, "finish_reason": "length", "stop_reason": None,
+                            "token_ids": None, "prompt_logprobs": entries, "prompt_token_ids": None, "routed_experts": None})
         n_prompt = sum(len(p) for p in prompts)
+        n_gen = 0 if (echo and max_tokens == 0) else len(prompts) * max_tokens
         return {"id": "cmpl-fake", "object": "text_completion", "created": 0, "model": model_name, "choices": choices,
-                "usage": {"prompt_tokens": n_prompt, "completion_tokens": len(prompts), "total_tokens": n_prompt + len(prompts)}}
+                "service_tier": None, "system_fingerprint": None,
+                "usage": {"prompt_tokens": n_prompt, "total_tokens": n_prompt + n_gen, "completion_tokens": n_gen, "prompt_tokens_details": None},
+                "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
 
     return app
 

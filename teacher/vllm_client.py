@@ -5,14 +5,19 @@ Request (vLLM >= 0.6, checked against the 0.26 ``CompletionRequest``): POST ``/v
     {"model": name, "prompt": [[ids of row 0], [ids of row 1], ...],   # token ids, no re-tokenisation
      "max_tokens": 1, "temperature": 0, "prompt_logprobs": K}          # K = 0: only the actual token
 
-Each choice carries the vLLM extension ``prompt_logprobs``: a list, one entry per prompt
-token, whose first entry is ``null`` (nothing predicts token 0) and whose entry j is a
-``{str(token_id): {"logprob": float, "rank": int, "decoded_token": str}}`` map with the
-top-K tokens (ranks 1..K) plus the actual token j (with its true rank) if it is not among
-them. Response position t of row i is prompt entry ``prompt_lens[i] + t``.
+Each choice (``index`` = position in the prompt list) carries the vLLM extension
+``prompt_logprobs``: a list, one entry per prompt token, whose first entry is ``null``
+(nothing predicts token 0) and whose entry j is a
+``{str(token_id): {"logprob": float, "rank": int, "decoded_token": str | null}}`` map whose
+first key is the actual token j (rank = how many vocabulary entries have a log-prob >= its
+own), followed by the top-K tokens (ranks 1..K; the actual token keeps its first position if
+it is among them). A -inf log-prob is sent as -9999.0. (0.26: ``append_logprobs_for_next_position``
+in vllm/logprobs.py, ``CompletionResponseChoice`` and ``clamp_prompt_logprobs`` in the
+completion server.) Response position t of row i is prompt entry ``prompt_lens[i] + t``.
 
 Assumptions, documented because they can't be tested here: ``max_tokens=1`` (0 is
-rejected by some versions; the one sampled token is discarded); K is capped by the
+rejected without ``echo``; the one greedy token is discarded), so every row must be shorter
+than the server's max_model_len (else HTTP 400); K is capped by the
 server's ``--max-logprobs`` (default 20: start the server with ``--max-logprobs 64`` for
 K=64); prompt log-probs come from the raw logits (``--logprobs-mode raw_logprobs``, the
 default), so ``temperature`` must be 1. The full distribution is not offered.

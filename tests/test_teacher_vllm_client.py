@@ -50,3 +50,30 @@ def test_vllm_client_errors(server, batch_and_ref):
         VllmServerTeacherClient(server, "tiny-teacher").score(*batch, return_full=True)
     with pytest.raises(TeacherUnavailableError, match="after 3 attempts"):
         VllmServerTeacherClient(f"http://127.0.0.1:{free_port()}", "x", retries=2, backoff=0.01).score(*batch)
+
+
+def test_fake_server_matches_vllm_026_shape(server):
+    """The shape the client parses: entry 0 null, actual token first with its >= rank, then top-K ranks 1..K."""
+    import httpx
+
+    ids = [1, 5, 9, 13, 40, 41]
+    body = httpx.post(server + "/v1/completions", json={"model": "tiny-teacher", "prompt": [ids], "max_tokens": 1,
+                                                       "temperature": 0.0, "prompt_logprobs": 3}).json()
+    (choice,) = body["choices"]
+    entries = choice["prompt_logprobs"]
+    assert choice["index"] == 0 and len(entries) == len(ids) and entries[0] is None
+    for j in range(1, len(ids)):
+        keys = list(entries[j])
+        assert keys[0] == str(ids[j]) and len(keys) in (3, 4)
+        assert sorted(v["rank"] for v in entries[j].values() if v["rank"] <= 3) == [1, 2, 3]
+        assert set(entries[j][keys[0]]) == {"logprob", "rank", "decoded_token"}
+
+
+def test_vllm_client_server_limits(server):
+    client = VllmServerTeacherClient(server, "tiny-teacher", retries=0)
+    seq, p, r = random_batch(2, 64, seed=5)
+    with pytest.raises(ValueError, match="greater than max allowed"):  # vLLM's default --max-logprobs 20
+        client.score(seq, p, r, topk=21)
+    long = torch.randint(3, 64, (1, 128))  # max_model_len 128: no room for the one generated token
+    with pytest.raises(ValueError, match="maximum context length"):
+        client.score(long, torch.tensor([100]), torch.tensor([28]))
