@@ -7,6 +7,8 @@ Figures (GPU, `--device cuda --size 134m`):
   sync_s_per_gb       same-GPU CUDA-IPC weight sync (`update_weights_ipc`), seconds per GB of bf16 weights
   mixed_tok_s         teacher-mixed sampling at α=0.2 (alternating scheduler, teacher = same-size model)
   lp_mean_abs_diff_*  mean |Δ| between vLLM's sampled-token raw log-probs and a HF fp32 / bf16 recomputation
+  lp_*_after_sync_*   the same after an IPC sync of changed weights (the reload reaches the CUDA-graph engine:
+                      small against the new weights, large against the old ones)
 CPU smoke mode (`--device cpu --size tiny`) runs the HF parts only and prints why vLLM parts are skipped.
 
 Usage:
@@ -92,9 +94,29 @@ def bench_hf_mixed(path, teacher_path, prompts, settings, device, dtype_name) ->
     return {"hf_mixed_tok_s": generated_tokens(batch) / sec}
 
 
+def hf_response_logprobs(model, batch, rows: int = 16):
+    """(N, T) log q of the batch's response tokens under a HF model, `rows` sequences at a time (bounded memory:
+    the full (N, T, V) fp32 logits of 256 x 256 x 49152 would be 13 GB)."""
+    import torch
+
+    from rollout.forward import response_logits
+
+    out = torch.zeros(len(batch), batch.max_response_len)
+    for lo in range(0, len(batch), rows):
+        part = batch.select(list(range(lo, min(lo + rows, len(batch)))))
+        with torch.no_grad():
+            logits = response_logits(model, part).float()
+        lp = torch.log_softmax(logits, -1).gather(-1, part.response_tokens().to(logits.device)[..., None])[..., 0]
+        out[lo:lo + len(part), :part.max_response_len] = lp.masked_fill(~part.response_mask().to(lp.device), 0.0).cpu()
+    return out
+
+
 def bench_vllm(path, teacher_path, prompts, settings, args) -> dict:
     import torch
     from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM
+    from vllm import SamplingParams
 
     from rollout.vllm_backend import VllmRolloutBackend, _tokens_prompt, ipc_handle
     from rollout.weight_sync import bucket_plan, pack
@@ -107,7 +129,6 @@ def bench_vllm(path, teacher_path, prompts, settings, args) -> dict:
     out["worker_tok_s"] = generated_tokens(batch) / sec
 
     # bare LLM.generate, same requests without logprobs and without building a RolloutBatch
-    from vllm import SamplingParams
     bare = SamplingParams(n=settings.n, temperature=1.0, max_tokens=settings.max_new_tokens, ignore_eos=True,
                           stop_token_ids=[2], detokenize=False, seed=0)
     res, sec = timed(lambda: backend.llm.generate([_tokens_prompt(p) for p in prompts], bare, use_tqdm=False))
@@ -115,21 +136,19 @@ def bench_vllm(path, teacher_path, prompts, settings, args) -> dict:
     out["worker_vs_bare"] = out["worker_tok_s"] / out["bare_vllm_tok_s"]
 
     # log-prob agreement: vLLM sampled-token raw log-probs vs HF recomputation of the same bf16 weights
-    from rollout.forward import response_logits
-    from transformers import AutoModelForCausalLM
     mask = batch.response_mask()
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=dt).cuda().eval()
-        with torch.no_grad():
-            logits = response_logits(hf, batch).float()
-        lp = torch.log_softmax(logits, -1).gather(-1, batch.response_tokens().cuda()[..., None])[..., 0].cpu()
-        out[f"lp_mean_abs_diff_{name}"] = float((lp - batch.student_logprobs)[mask].abs().mean())
-        out[f"lp_max_abs_diff_{name}"] = float((lp - batch.student_logprobs)[mask].abs().max())
+        diff = (hf_response_logprobs(hf, batch) - batch.student_logprobs)[mask].abs()
+        out[f"lp_mean_abs_diff_{name}"] = float(diff.mean())
+        out[f"lp_max_abs_diff_{name}"] = float(diff.max())
         del hf
+        torch.cuda.empty_cache()
 
-    # same-GPU weight sync through CUDA IPC (the learner's bf16 weights packed into 256 MB buckets)
+    # same-GPU weight sync through CUDA IPC (the learner's bf16 parameters packed into 256 MB buckets;
+    # named_parameters: tied embeddings travel once, as the learner exports them)
     learner = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda()
-    named = list(learner.state_dict().items())
+    named = [(n, p.detach()) for n, p in learner.named_parameters()]
     plan = bucket_plan([(n, t.shape, t.dtype) for n, t in named], bucket_bytes=256 << 20)
     tensors = dict(named)
     gb = sum(t.numel() * t.element_size() for _, t in named) / 1e9
@@ -144,6 +163,28 @@ def bench_vllm(path, teacher_path, prompts, settings, args) -> dict:
         del flats
     out["sync_s_per_gb"] = min(times) / gb
     out["sync_gb"] = gb
+
+    # the sync really reaches the CUDA-graph / compiled engine: change the model visibly (final norm x4 sharpens
+    # the near-uniform random-init logits; 5% noise everywhere), sync, sample, compare with HF of new and old weights
+    with torch.no_grad():
+        for p in learner.parameters():
+            p.mul_(1 + 0.05 * torch.randn_like(p))
+        learner.model.norm.weight.mul_(4.0)
+    flats = [pack([tensors[m["name"]] for m in metas], metas, device="cuda") for metas in plan]
+    for flat, metas in zip(flats, plan):
+        backend.load_bucket_ipc(ipc_handle(flat), metas)
+    del flats
+    check = backend.generate(prompts[:16], replace(settings, seed=1))
+    cmask = check.response_mask()
+    diff = (hf_response_logprobs(learner.float().eval(), check) - check.student_logprobs)[cmask].abs()
+    out["lp_mean_abs_diff_after_sync_fp32"] = float(diff.mean())
+    out["lp_max_abs_diff_after_sync_fp32"] = float(diff.max())
+    del learner
+    old = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    out["lp_mean_abs_diff_after_sync_vs_old_weights"] = float(
+        (hf_response_logprobs(old, check) - check.student_logprobs)[cmask].abs().mean())  # must be far larger
+    del old
+    torch.cuda.empty_cache()
 
     # teacher-mixed sampling at α=0.2 vs pure vLLM sampling
     batch, sec = timed(lambda: backend.generate(prompts, replace(settings, mix_alpha=0.2)))

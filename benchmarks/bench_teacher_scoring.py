@@ -10,7 +10,7 @@ save it to a tmp folder (every backend loads the same weights), draw random righ
 sequences, then for each backend and k in --topk time ``--reps`` scoring passes after one warm-up:
 
     pool  TeacherPool(1 replica, --dtype) -> score(..., topk=k)         (Ray actor, includes transfer)
-    vllm  LLM(...).generate(TokensPrompt, SamplingParams(max_tokens=1, prompt_logprobs=k))
+    vllm  LLM(...).generate(TokensPrompt, SamplingParams(max_tokens=1, prompt_logprobs=k, flat_logprobs=True))
           (k=0 still returns the actual token's log-prob; vLLM scores every prompt position)
     hf    model(seq).logits -> fp32 log_softmax over (B, L, V) -> gather / topk  (the naive baseline)
 
@@ -142,18 +142,22 @@ def bench_vllm(path, batch, ks, args):
     seqs, p, r = batch
     total = p + r
     prompts = [TokensPrompt(prompt_token_ids=seqs[i, : int(total[i])].tolist()) for i in range(len(seqs))]
+    # max_model_len: one free position after the longest row for the single (discarded) generated token
     llm = LLM(model=path, dtype=args.dtype, skip_tokenizer_init=True, max_model_len=int(total.max()) + 1,
               max_logprobs=max(ks + [1]), gpu_memory_utilization=args.vllm_gpu_util, max_num_batched_tokens=args.token_budget,
               seed=0)
 
     def run(k):
-        outs = llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False), use_tqdm=False)
+        # flat_logprobs: 0.26's FlatLogprobs container (a few flat lists per request instead of one dict of k+1
+        # Logprob objects per position); entry j starts with the actual token j, then the top-k.
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, flat_logprobs=True, detokenize=False)
+        outs = llm.generate(prompts, params, use_tqdm=False)
         T = int(r.max())
         tok = torch.zeros(len(seqs), T)
         for i, o in enumerate(outs):
             P, R = int(p[i]), int(r[i])
-            for t in range(R):
-                tok[i, t] = o.prompt_logprobs[P + t][int(seqs[i, P + t])].logprob
+            plp = o.prompt_logprobs
+            tok[i, :R] = torch.tensor([plp.logprobs[plp.start_indices[P + t]] for t in range(R)])
         return tok
 
     return {k: timed(lambda: run(k), args.reps, "cpu") for k in ks}

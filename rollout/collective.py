@@ -40,7 +40,7 @@ class BroadcastGroup:
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
         """In place: `tensor` on `src` is copied into every other rank's `tensor` (same size and dtype)."""
         if self.backend == "nccl":
-            self._comm.broadcast(tensor, src=src, stream=torch.cuda.current_stream())
+            self._comm.broadcast(tensor, src=src, stream=torch.cuda.current_stream(tensor.device))
             return
         import torch.distributed as dist
 

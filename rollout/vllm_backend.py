@@ -18,8 +18,8 @@ after each bucket so no stale KV is reused):
   load_bucket(flat, metas)            CPU-staged: the bucket's bytes travel through the RPC
   load_bucket_ipc(handle, metas)      same GPU: `ipc_handle(flat_cuda)` from the learner, zero-copy
   init_weight_update_group(...) +
-  load_bucket_nccl(metas)             separate GPUs: NCCL broadcast from learner rank 0 (`LearnerNcclSender`
-                                      or `rollout.collective.BroadcastGroup`)
+  load_bucket_broadcast(metas)        separate GPUs: NCCL broadcast from learner rank 0, whose end is
+                                      `rollout.collective.BroadcastGroup` (same StatelessProcessGroup + PyNccl)
 `sleep(level)` / `wake_up()` free and restore GPU memory for the single-GPU mode (needs sleep_mode=True,
 which makes vLLM use its cumem allocator). Weights must not be loaded while asleep: wake up first
 (after a level-2 sleep, `wake_up(["weights"])`, load, then `wake_up(["kv_cache"])` keeps the peak low).
@@ -106,8 +106,13 @@ class VllmRolloutBackend:
                  gpu_memory_utilization: float = 0.3, enforce_eager: bool = False, sleep_mode: bool = False,
                  seed: int = 0, teacher_path: Optional[str] = None, teacher_gpu_memory_utilization: float = 0.35,
                  teacher_dtype: Optional[str] = None, max_model_len: Optional[int] = None):
+        import vllm.envs as envs
         from vllm import LLM
 
+        if teacher_path is not None and not envs.VLLM_ENABLE_V1_MULTIPROCESSING:
+            # in-process engines would share vLLM's process-global state (distributed groups, compile config)
+            raise ValueError("rollout: a teacher engine beside the student needs VLLM_ENABLE_V1_MULTIPROCESSING=1 "
+                             "(vLLM's default: one engine-core process per LLM)")
         common = dict(tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager, seed=seed,
                       skip_tokenizer_init=True,  # token ids in and out; test models ship no tokenizer
                       logprobs_mode="raw_logprobs", max_model_len=max_model_len)
@@ -117,10 +122,12 @@ class VllmRolloutBackend:
         self.max_model_len = int(self.llm.model_config.max_model_len)
         self.teacher = None
         self._student_mask = self._teacher_mask = None
+        # mixed sampling: both engines see every prefix, and the student rescores the rows (one free slot)
+        self._mixed_max_len = self.max_model_len - 1
         if teacher_path is not None:
             self.teacher = LLM(model=teacher_path, dtype=teacher_dtype or dtype,
                                gpu_memory_utilization=teacher_gpu_memory_utilization, **common)
-            self.max_model_len = min(self.max_model_len, int(self.teacher.model_config.max_model_len))
+            self._mixed_max_len = min(self._mixed_max_len, int(self.teacher.model_config.max_model_len))
             v_student = self.llm.model_config.get_vocab_size()
             v_teacher = self.teacher.model_config.get_vocab_size()
             v_common = min(v_student, v_teacher)
@@ -140,12 +147,12 @@ class VllmRolloutBackend:
             raise ValueError("rollout: empty prompt (0 tokens); every prompt needs at least one token")
         self._check_awake(everything=True)
         longest = max(len(p) for p in prompts)
-        # vLLM would silently stop a row at max_model_len; mixed sampling also rescores the rows (one free slot)
-        limit = self.max_model_len - (1 if settings.mix_alpha > 0 else 0)
+        # vLLM would silently stop a row at max_model_len (the HF backend raises too)
+        limit = self._mixed_max_len if settings.mix_alpha > 0 else self.max_model_len
         if longest + settings.max_new_tokens > limit:
             raise ValueError(f"rollout: prompt of {longest} tokens + max_new_tokens={settings.max_new_tokens} "
-                             f"exceeds the engine's max_model_len of {self.max_model_len}"
-                             f"{' minus 1 (mixed sampling rescores the rows)' if settings.mix_alpha > 0 else ''}; "
+                             f"exceeds {limit} tokens, the engine's max_model_len"
+                             f"{' less one (mixed sampling rescores the rows)' if settings.mix_alpha > 0 else ''}; "
                              "shorten prompts or lower max_new_tokens")
         stop = _stop_ids(settings)
         rng = random.Random(settings.seed)
@@ -188,10 +195,10 @@ class VllmRolloutBackend:
         self._check_awake(everything=True)
         rows = [batch.sequences[i, :int(batch.prompt_lens[i] + batch.response_lens[i])].tolist()
                 for i in range(len(batch))]
-        too_long = [i for i, r in enumerate(rows) if len(r) >= self.llm.model_config.max_model_len]
+        too_long = [i for i, r in enumerate(rows) if len(r) >= self.max_model_len]
         if too_long:
-            raise ValueError(f"rollout: rows {too_long[:5]} have >= max_model_len={self.llm.model_config.max_model_len} "
-                             "tokens; prompt_logprobs needs one free position after the row")
+            raise ValueError(f"rollout: rows {too_long[:5]} have >= max_model_len={self.max_model_len} tokens; "
+                             "prompt_logprobs needs one free position after the row")
         # greedy: the one generated token is discarded, so spend no sampling randomness on it
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         outs = self.llm.generate([_tokens_prompt(r) for r in rows], params, use_tqdm=False)
@@ -217,10 +224,15 @@ class VllmRolloutBackend:
         self._reset_prefix_cache()
         return n
 
-    def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int):
-        self.llm.collective_rpc("init_weight_update_group", args=(master_address, master_port, rank_offset, world_size))
+    def init_weight_update_group(self, backend: str, host: str, port: int, rank_offset: int, world_size: int) -> None:
+        """Join learner rank 0's broadcast group (`rollout.collective.BroadcastGroup`, "nccl"): engine worker r
+        takes rank rank_offset + r. Blocks until every member has joined."""
+        if backend != "nccl":
+            raise ValueError(f"the vllm backend receives broadcasts over NCCL only, got backend={backend!r}")
+        self.llm.collective_rpc("init_weight_update_group", args=(host, port, rank_offset, world_size))
 
-    def load_bucket_nccl(self, metas: list[TensorMeta]) -> int:
+    def load_bucket_broadcast(self, metas: list[TensorMeta]) -> int:
+        """Receive one bucket broadcast by learner rank 0 (buckets arrive in the learner's plan order)."""
         self._check_awake()
         n = self.llm.collective_rpc("load_bucket_nccl", args=(metas,))[0]
         self._reset_prefix_cache()
@@ -273,21 +285,3 @@ def ipc_handle(flat: torch.Tensor) -> bytes:
     uuid = str(torch.cuda.get_device_properties(flat.device).uuid)
     rebuild, args = reduce_tensor(flat)
     return pickle.dumps((uuid, rebuild, args))
-
-
-class LearnerNcclSender:
-    """Learner rank 0's end of the NCCL weight-sync group (vLLM's RLHF example layout).
-
-    world_size = 1 + the engines' total GPU count; engine workers join with rank_offset=1 at the same
-    time (call `RolloutWorker.init_weight_update_group.remote(...)` first, then construct this).
-    """
-
-    def __init__(self, master_address: str, master_port: int, world_size: int, device: torch.device):
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup
-
-        pg = StatelessProcessGroup.create(host=master_address, port=master_port, rank=0, world_size=world_size)
-        self.comm = PyNcclCommunicator(pg, device=device)
-
-    def broadcast(self, flat: torch.Tensor) -> None:
-        self.comm.broadcast(flat, src=0, stream=torch.cuda.current_stream(flat.device))

@@ -81,23 +81,23 @@ class WeightSyncExtension:
         return n
 
     def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
-        """Join a NCCL group with the learner (rank 0); engine workers take ranks rank_offset + their world rank.
+        """Join the NCCL broadcast group with the learner (rank 0; `rollout.collective.BroadcastGroup`, vLLM's
+        `StatelessProcessGroup` + `PyNcclCommunicator`); engine workers take ranks rank_offset + their world rank.
 
         Blocks until every rank has joined (the learner builds its end concurrently).
         """
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
         from vllm.distributed.parallel_state import get_world_group
-        from vllm.distributed.utils import StatelessProcessGroup
+
+        from rollout.collective import BroadcastGroup
 
         rank = get_world_group().rank + rank_offset
-        pg = StatelessProcessGroup.create(host=master_address, port=master_port, rank=rank, world_size=world_size)
-        self._sync_comm = PyNcclCommunicator(pg, device=self.device)
+        self._sync_group = BroadcastGroup("nccl", master_address, master_port, rank, world_size, device=self.device)
 
     def load_bucket_nccl(self, metas: list[TensorMeta]) -> int:
         """Receive one bucket broadcast by learner rank 0 (it must call broadcast with the same size and dtype)."""
         numel = sum(m["numel"] for m in metas)
         flat = torch.empty(numel, dtype=getattr(torch, metas[0]["dtype"]), device=self.device)
-        self._sync_comm.broadcast(flat, src=0, stream=torch.cuda.current_stream(self.device))
+        self._sync_group.broadcast(flat, src=0)
         n = self._load(flat, metas)
         del flat
         return n

@@ -83,11 +83,13 @@ class RolloutWorker:
         return n
 
     def sleep(self, level: int = 1) -> None:
-        """Single-GPU mode: free the engine's GPU memory while the learner trains."""
+        """Single-GPU mode: free the engine's GPU memory while the learner trains (vllm backend).
+        Level 1 keeps a CPU copy of the weights; level 2 drops them (a full weight sync follows)."""
         self.backend.sleep(level)
 
-    def wake_up(self) -> None:
-        self.backend.wake_up()
+    def wake_up(self, tags: Optional[list[str]] = None) -> None:
+        """tags: None restores everything; ["weights"] first, then ["kv_cache"] after a sync."""
+        self.backend.wake_up(tags)
 
     def ready(self) -> bool:
         return True

@@ -283,7 +283,8 @@ def _run(cfg: RunConfig, roles: Roles, tokenizer, data: Datasets, out_dir: Path,
         gpu_stats.update(gpu.lap("generate"))
         if cfg.rollout.sleep_mode:  # single-GPU mode: the engines give their GPU memory to scoring and training
             t0 = time.perf_counter()
-            ray.get([w.sleep.remote() for w in roles.rollout])
+            # level 2 drops the weights instead of copying them to CPU: the sync below rewrites all of them
+            ray.get([w.sleep.remote(2) for w in roles.rollout])
             timings["time/offload"] = time.perf_counter() - t0
             gpu_stats.update(gpu.lap("sleep"))
         if hooks.on_batch is not None:
@@ -303,15 +304,19 @@ def _run(cfg: RunConfig, roles: Roles, tokenizer, data: Datasets, out_dir: Path,
         timings["time/train"] = time.perf_counter() - t0
         gpu_stats.update(gpu.lap("train"))
 
-        if cfg.rollout.sleep_mode:
+        if cfg.rollout.sleep_mode:  # weight memory back first; the KV cache only after the new weights are in
             t0 = time.perf_counter()
-            ray.get([w.wake_up.remote() for w in roles.rollout])
+            ray.get([w.wake_up.remote(["weights"]) for w in roles.rollout])
             timings["time/offload"] += time.perf_counter() - t0
-            gpu_stats.update(gpu.lap("wake"))
         t0 = time.perf_counter()
         roles.sync()
         timings["time/sync"] = time.perf_counter() - t0
         gpu_stats.update(gpu.lap("sync"))
+        if cfg.rollout.sleep_mode:
+            t0 = time.perf_counter()
+            ray.get([w.wake_up.remote(["kv_cache"]) for w in roles.rollout])
+            timings["time/offload"] += time.perf_counter() - t0
+            gpu_stats.update(gpu.lap("wake"))
 
         n_tokens = int(batch.response_lens.sum())
         step_time = sum(timings.values())

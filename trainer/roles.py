@@ -96,9 +96,11 @@ def start_rollout(cfg: RunConfig, placement: RolePlacement, model_path: str, tea
         kwargs["teacher_path"] = teacher_path
     if r.backend == "vllm":
         kwargs.update(tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
-                      enforce_eager=r.enforce_eager, sleep_mode=r.sleep_mode, seed=r.seed)
+                      enforce_eager=r.enforce_eager, sleep_mode=r.sleep_mode)
+    # a distinct engine seed per worker: an unseeded request draws from it, and equal seeds repeat samples
     workers = [RolloutWorkerActor.options(num_cpus=r.num_cpus, num_gpus=r.gpus_per_worker(cfg.trainer.device),
-                                          scheduling_strategy=placement.strategy(i)).remote(model_path, **kwargs)
+                                          scheduling_strategy=placement.strategy(i)).remote(
+                   model_path, **kwargs, **({"seed": r.seed + i} if r.backend == "vllm" else {}))
                for i in range(r.num_workers)]
     ray.get([w.ready.remote() for w in workers])
     return workers
