@@ -13,12 +13,13 @@ from typing import Callable, Optional
 Reading = tuple[float, float]  # (used GiB summed over GPUs, mean utilisation % over GPUs)
 
 
-def nvml_reader() -> Optional[Callable[[], Reading]]:
-    """A function reading every visible GPU, or None where there is no NVML or no GPU."""
+def nvml_reader(index: Optional[int] = None) -> Optional[Callable[[], Reading]]:
+    """A function reading GPU `index` (None: every GPU this node shows), or None where there is no NVML or no GPU."""
     try:
         import pynvml
         pynvml.nvmlInit()
-        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        indices = range(pynvml.nvmlDeviceGetCount()) if index is None else [index]
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in indices]
     except Exception:  # no driver, no library: nothing to monitor
         return None
     if not handles:

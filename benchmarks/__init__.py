@@ -1,0 +1,1 @@
+"""Benchmark scripts (run as files or `python -m benchmarks.NAME`); `benchmarks.models` builds their models."""
