@@ -32,6 +32,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.common import append_markdown, versions  # noqa: E402
+
 # ~134M: the Llama shape of SmolLM-135M (30 layers, 576 hidden, 9 heads / 3 KV heads, vocab 49152).
 SIZES = {
     "134m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -79,7 +81,7 @@ def bench_hf(path, prompts, settings, device, dtype_name) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
     batch, sec = timed(lambda: backend.generate(prompts, settings))
-    del backend
+    backend = None  # free its memory before the next benchmark
     return {"hf_tok_s": generated_tokens(batch) / sec, "hf_s": sec, "hf_tokens": generated_tokens(batch)}
 
 
@@ -193,31 +195,6 @@ def bench_vllm(path, teacher_path, prompts, settings, args) -> dict:
     return out
 
 
-def versions() -> dict:
-    import torch
-    import transformers
-
-    v = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-    if importlib.util.find_spec("vllm") is not None:
-        import vllm
-        v["vllm"] = vllm.__version__
-    return v
-
-
-def append_markdown(row: dict, path: str) -> None:
-    new = not os.path.exists(path)
-    with open(path, "a") as f:
-        if new:
-            f.write("# Benchmarks\n\n")
-        f.write(f"\n## bench_rollout {row['date']} ({row['device_name']})\n\n")
-        f.write(f"versions: {json.dumps(row['versions'])}  \nconfig: {json.dumps(row['config'])}\n\n")
-        f.write("| figure | value |\n|---|---|\n")
-        for k, v in row["figures"].items():
-            f.write(f"| {k} | {v:.4g} |\n" if isinstance(v, float) else f"| {k} | {v} |\n")
-        for reason in row["skipped"]:
-            f.write(f"\nskipped: {reason}\n")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
@@ -262,7 +239,7 @@ def main() -> None:
     row = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device_name": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
-        "versions": versions(),
+        "versions": versions("vllm"),
         "config": {"size": args.size, "params": n_params, "num_prompts": num_prompts, "prompt_len": args.prompt_len,
                    "max_new_tokens": max_new, "n": args.n, "dtype": dtype_name, "enforce_eager": args.enforce_eager},
         "figures": figures,
@@ -272,7 +249,8 @@ def main() -> None:
     out = os.path.join(ROOT, "benchmarks", "results", f"rollout_{args.device}_{args.size}.json")
     with open(out, "w") as f:
         json.dump(row, f, indent=2)
-    append_markdown(row, os.path.join(ROOT, "BENCHMARKS.md"))
+    append_markdown(os.path.join(ROOT, "BENCHMARKS.md"), "bench_rollout", row, ["figure", "value"],
+                    list(row["figures"].items()), [f"skipped: {reason}" for reason in row["skipped"]])
     for k, v in figures.items():
         print(f"{k:>24}: {v:.4g}" if isinstance(v, float) else f"{k:>24}: {v}")
     print(f"wrote {out} and a row in BENCHMARKS.md")

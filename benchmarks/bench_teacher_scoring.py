@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import versions  # noqa: E402
 from teacher.loading import parse_dtype  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,7 +114,7 @@ def bench_hf(path, batch, ks, args):
         return tok.cpu()
 
     results = {k: timed(lambda: run(k), args.reps, args.device) for k in ks}
-    del model
+    model = None  # free its memory before the next backend
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     return results
@@ -161,18 +162,6 @@ def bench_vllm(path, batch, ks, args):
         return tok
 
     return {k: timed(lambda: run(k), args.reps, "cpu") for k in ks}
-
-
-def versions() -> dict:
-    import transformers
-
-    v = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-    for mod in ("ray", "vllm"):
-        try:
-            v[mod] = __import__(mod).__version__
-        except ImportError:
-            v[mod] = None
-    return v
 
 
 def main(argv=None):
@@ -236,7 +225,7 @@ def main(argv=None):
         print(f"ratio {key} = {val:.2f}")
 
     stamp = dt.datetime.now(dt.timezone.utc)
-    result = {"date": stamp.isoformat(timespec="seconds"), "device": device_name, "versions": versions(), "size": args.size,
+    result = {"date": stamp.isoformat(timespec="seconds"), "device": device_name, "versions": versions("ray", "vllm"), "size": args.size,
               "params": n_params, "dtype": args.dtype, "num_seqs": n, "prompt_len": P, "response_len": R,
               "token_budget": args.token_budget, "seq_tokens": seq_tokens, "resp_tokens": resp_tokens,
               "rows": rows, "ratios": ratios, "skipped": skipped}
