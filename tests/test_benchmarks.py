@@ -1,6 +1,5 @@
 """Benchmarks' pieces on CPU: the model folders (parameter count, tokenizer), the FLOP formula against
 torch's FlopCounterMode, the learner MFU script, and the end-to-end benchmark's bookkeeping and its `ours` path."""
-import dataclasses
 import json
 import math
 import os
