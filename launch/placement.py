@@ -54,16 +54,40 @@ def role_bundles(cfg: RunConfig) -> dict[str, list[dict]]:
     return roles
 
 
+def _check_fits(roles: dict[str, list[dict]]) -> None:
+    """On a fixed-size cluster, fail at once (not after a timeout) when the roles ask for more than exists."""
+    total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    need: dict[str, float] = {}
+    for bundles in roles.values():
+        for b in bundles:
+            for k, v in b.items():
+                need[k] = need.get(k, 0.0) + v
+    short = {k: (v, total.get(k, 0.0)) for k, v in need.items() if v > total.get(k, 0.0) + 1e-9}
+    if short:
+        per_role = "; ".join(f"{role}: {bundles}" for role, bundles in roles.items())
+        raise RuntimeError(f"the roles need {', '.join(f'{v:g} {k}' for k, (v, _) in short.items())} but the Ray "
+                           f"cluster has {', '.join(f'{t:g} {k}' for k, (_, t) in short.items())} ({per_role}). Lower "
+                           f"the counts or CPU/GPU shares in the config, raise cluster.num_cpus, or add nodes.")
+
+
 def create_placement(cfg: RunConfig, timeout_s: float = 120.0) -> dict[str, RolePlacement]:
-    """Reserve every role's resources up front; fails with the missing resources if the cluster is too small."""
+    """Reserve every role's resources up front; fails with the missing resources if the cluster is too small.
+
+    A local cluster (cluster.address unset) cannot grow, so a shortfall fails at once; on a joined
+    cluster an autoscaler may still add nodes, so each role waits up to `timeout_s`.
+    """
     strategy = "SPREAD" if cfg.cluster.spread_roles else "PACK"
     run_id = uuid.uuid4().hex[:8]  # names are unique per cluster; several runs (or tests) may share one
+    roles = role_bundles(cfg)
+    if cfg.cluster.address is None:
+        _check_fits(roles)
     out = {}
-    for role, bundles in role_bundles(cfg).items():
+    for role, bundles in roles.items():
         pg = placement_group(bundles, strategy=strategy, name=f"minillm-{role}-{run_id}")
         ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
         if not ready:
             remove_placement_group(pg)
+            release(out)  # no reservation outlives a failed start
             free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
             total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
             raise RuntimeError(f"could not reserve resources for the {role} role: bundles {bundles} (strategy "
