@@ -29,6 +29,10 @@ class BroadcastGroup:
 
             pg = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size)
             self._comm = PyNcclCommunicator(pg, device=device if device is not None else torch.cuda.current_device())
+            if self._comm.disabled:  # its broadcast() would then return without sending: stale or garbage weights
+                raise RuntimeError("weight broadcast: vLLM's PyNcclCommunicator is disabled here (NCCL library "
+                                   "not loadable, or VLLM_DISABLE_PYNCCL=1); set VLLM_NCCL_SO_PATH or use "
+                                   "rollout.weight_sync=object_store")
         elif backend == "gloo":
             import torch.distributed as dist
 

@@ -115,7 +115,11 @@ class VllmRolloutBackend:
                              "(vLLM's default: one engine-core process per LLM)")
         common = dict(tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager, seed=seed,
                       skip_tokenizer_init=True,  # token ids in and out; test models ship no tokenizer
-                      logprobs_mode="raw_logprobs", max_model_len=max_model_len)
+                      logprobs_mode="raw_logprobs", max_model_len=max_model_len,
+                      # TP > 1 inside a Ray actor: left to itself vLLM picks its Ray executor (the actor is in a
+                      # placement group, `ParallelConfig.__post_init__`), which wants one-GPU bundles and rejects
+                      # ours ({GPU: TP}, already held by this actor); the TP workers run as local processes instead
+                      distributed_executor_backend="mp" if tensor_parallel_size > 1 else None)
         self.llm = LLM(model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
                        enable_sleep_mode=sleep_mode, enable_prefix_caching=True,
                        worker_extension_cls=EXTENSION, **common)

@@ -206,3 +206,38 @@ def test_object_store_weight_sync(worker, paths):
     assert_bf16_close(batch.student_logprobs, ref, mask)  # sampling with the new weights
     assert_bf16_close(ray.get(worker.logprobs.remote(batch)), ref, mask)
     assert (hf_logprobs(perturbed(paths[0], seed=1), batch) - ref)[mask].abs().max() > 2 * MAX_ABS
+
+
+def test_sleep_wake_and_ipc_sync_in_the_loops_order(worker, paths):
+    """Single-GPU mode's step (trainer/loop.py) on an engine built with sleep_mode: sleep(2) drops weights and KV
+    cache, wake_up(["weights"]), the new weights bucket by bucket through CUDA IPC, wake_up(["kv_cache"]); the
+    engine then samples and scores with the new weights."""
+    import ray
+
+    from rollout.types import SamplingSettings
+    from rollout.vllm_backend import ipc_handle
+    from rollout.worker import RolloutWorkerActor
+
+    w = RolloutWorkerActor.options(num_gpus=0.4).remote(paths[0], backend="vllm", dtype="bfloat16",
+                                                        gpu_memory_utilization=0.15, enforce_eager=True,
+                                                        sleep_mode=True, seed=0)
+    try:
+        settings = SamplingSettings(max_new_tokens=8, n=2, seed=4, eos_token_id=EOS)
+        ray.get(w.generate.remote(PROMPTS, settings))
+        ray.get(w.sleep.remote(2))
+        with pytest.raises(ray.exceptions.RayTaskError, match="asleep"):
+            ray.get(w.generate.remote(PROMPTS, settings))
+        ray.get(w.wake_up.remote(["weights"]))
+        learner = perturbed(paths[0], seed=3)
+        buckets = bf16_buckets(learner, "cuda")  # kept alive until the calls return
+        torch.cuda.synchronize()
+        n = sum(ray.get(w.update_weights_ipc.remote([(ipc_handle(flat), metas)], complete=i == len(buckets) - 1))
+                for i, (flat, metas) in enumerate(buckets))
+        assert n == sum(len(metas) for _, metas in buckets) and ray.get(w.weights_version.remote()) == 1
+        ray.get(w.wake_up.remote(["kv_cache"]))
+        batch = ray.get(w.generate.remote(PROMPTS, settings))
+        ref, mask = hf_logprobs(learner, batch), batch.response_mask()
+        assert_bf16_close(batch.student_logprobs, ref, mask)
+        assert_bf16_close(ray.get(w.logprobs.remote(batch)), ref, mask)
+    finally:
+        ray.kill(w)

@@ -24,9 +24,16 @@ def nvml_reader(index: Optional[int] = None) -> Optional[Callable[[], Reading]]:
         return None
     if not handles:
         return None
+    try:  # NVML has no utilisation for a MIG-enabled GPU (NotSupported): report NaN there, memory still
+        pynvml.nvmlDeviceGetUtilizationRates(handles[0])
+        has_util = True
+    except Exception:
+        has_util = False
 
     def read() -> Reading:
         used = sum(pynvml.nvmlDeviceGetMemoryInfo(h).used for h in handles) / 2**30
+        if not has_util:
+            return used, float("nan")
         util = sum(pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in handles) / len(handles)
         return used, float(util)
     return read
@@ -51,7 +58,10 @@ class GpuMonitor:
         self._peak, self._util_sum, self._n = 0.0, 0.0, 0
 
     def _sample(self) -> None:
-        used, util = self.read()
+        try:
+            used, util = self.read()
+        except Exception:  # a reading NVML refuses (e.g. utilisation on a MIG-enabled GPU): skip it, never fail the run
+            return
         with self._lock:
             self._peak = max(self._peak, used)
             self._util_sum += util
@@ -67,7 +77,8 @@ class GpuMonitor:
             return {}
         self._sample()  # a phase shorter than the interval still gets a reading
         with self._lock:
-            out = {f"gpu/mem_peak_gb/{phase}": self._peak, f"gpu/util/{phase}": self._util_sum / self._n}
+            out = {} if not self._n else {f"gpu/mem_peak_gb/{phase}": self._peak,
+                                          f"gpu/util/{phase}": self._util_sum / self._n}
             self._reset()
         return out
 

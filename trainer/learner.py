@@ -272,6 +272,8 @@ class Learner:
         self._ipc_flat = None
         for _ in self._ipc_iter:
             raise RuntimeError("end_ipc_export: buckets were left unsent")
+        if self.device.type == "cuda":  # free shared buckets torch still holds for the engine (as vLLM's ipc_engine)
+            torch.cuda.ipc_collect()
 
     def state_dict_cpu(self) -> dict[str, torch.Tensor]:
         """Full weights on rank 0 (others: {}), gathered bucket by bucket under ZeRO-3."""

@@ -28,6 +28,16 @@ def resolve_path(cfg: RunConfig) -> str:
     return "cuda_ipc" if one_gpu else "broadcast"
 
 
+def get_all(refs: list) -> list:
+    """ray.get(refs), but raising at the first failure: the peers of a failed collective member would
+    otherwise wait for it forever (NCCL) and so would a plain ray.get on them."""
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)
+    return ray.get(refs)
+
+
 def sync_weights(learners: list, workers: list, bucket_mb: int) -> int:
     """Object-store path: rank 0's CPU buckets → every worker. Returns the tensors each worker loaded."""
     buckets = ray.get([lr.export_weights.remote(bucket_mb) for lr in learners])[0]
@@ -57,7 +67,7 @@ class WeightSync:
         refs = [w.init_weight_update_group.remote(backend, host, port, 1 + i * engine_ranks, world_size)
                 for i, w in enumerate(self.workers)]
         refs += [lr.init_weight_broadcast.remote(backend, host, port, world_size) for lr in self.learners]
-        ray.get(refs)
+        get_all(refs)
         self.plan = ray.get(self.learners[0].weight_plan.remote(self.bucket_mb))
 
     def _check_same_gpu(self) -> None:
@@ -73,9 +83,8 @@ class WeightSync:
             return sync_weights(self.learners, self.workers, self.bucket_mb)
         if self.path == "broadcast":
             sent = [lr.broadcast_weights.remote(self.bucket_mb) for lr in self.learners]
-            n = sum(ray.get([w.update_weights_broadcast.remote(self.plan) for w in self.workers]))
-            ray.get(sent)
-            return n
+            received = [w.update_weights_broadcast.remote(self.plan) for w in self.workers]
+            return sum(get_all(sent + received)[len(sent):])
         count = ray.get([lr.begin_ipc_export.remote(self.bucket_mb) for lr in self.learners])[0]
         n = 0
         for i in range(count):
