@@ -236,14 +236,14 @@ def test_our_gpu_configs_validate_and_share_one_gpu(system):
     """The configs the GPU run will use: valid, one GPU shared by Ray fractions, CUDA-IPC weight sync for vLLM."""
     from launch.config import config_from_dict
     from launch.placement import role_bundles
-    from trainer.sync import resolve_path
+    from trainer.sync import resolve_sync_path
 
     d = bench_e2e.SYSTEMS[system]
     cfg = config_from_dict(bench_e2e.ours_config(gpu_spec(), d["objective"], d["mix_alpha"], "/o", d.get("backend")))
     gpus = sum(b.get("GPU", 0.0) for bundles in role_bundles(cfg).values() for b in bundles)
     assert gpus <= 1.0
     backend = d.get("backend", "vllm")
-    assert resolve_path(cfg) == ("cuda_ipc" if backend == "vllm" else "object_store")
+    assert resolve_sync_path(cfg) == ("cuda_ipc" if backend == "vllm" else "object_store")
     assert (cfg.rollout.backend, cfg.model.dtype, cfg.trainer.bf16) == (backend, "bfloat16", True)
     assert cfg.rollout.max_new_tokens == 256 and cfg.rollout.prompts_per_step == 16 and cfg.rollout.n_samples == 1
     assert cfg.trainer.micro_batch_tokens == 16 * (64 + 256)  # the whole step in one micro-batch, as TRL's

@@ -66,7 +66,7 @@ def test_cross_field_rules():
 
 
 def test_weight_sync_auto_picks_the_path_of_the_setup():
-    from trainer.sync import resolve_path as sync_path
+    from trainer.sync import resolve_sync_path as sync_path
 
     assert sync_path(load_config(None, [])) == "object_store"  # CPU
     assert sync_path(load_config(None, ["rollout.weight_sync=broadcast"])) == "broadcast"

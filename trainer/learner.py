@@ -213,14 +213,14 @@ class Learner:
         return bucket_plan([(n, getattr(p, "ds_shape", p.shape), p.dtype) for n, p in self._named_params()],
                            bucket_mb * 2**20)
 
-    def _gathered_buckets(self, bucket_mb: int, device) -> Iterator[tuple[Optional[torch.Tensor], list[TensorMeta]]]:
-        """(flat bucket on rank 0 / None elsewhere, metas) per bucket. Under ZeRO-3 every rank must
+    def _gathered_buckets(self, plan: list[list[TensorMeta]], device) -> Iterator[tuple[Optional[torch.Tensor], list[TensorMeta]]]:
+        """(flat bucket on rank 0 / None elsewhere, metas) per bucket of `plan`. Under ZeRO-3 every rank must
         iterate: parameters are gathered one bucket at a time, so no rank ever holds more than one
         bucket of full parameters beyond its own shard."""
         import deepspeed
 
         by_name = dict(self._named_params())
-        for metas in self.weight_plan(bucket_mb):
+        for metas in plan:
             params = [by_name[m["name"]] for m in metas]
             with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.zero_stage == 3):
                 yield (pack(params, metas, device=device) if self.rank == 0 else None), metas
@@ -229,7 +229,7 @@ class Learner:
         """Object-store path: rank 0 returns [(ObjectRef of a CPU flat bucket, metas)], others []."""
         import ray
 
-        return [(ray.put(flat), metas) for flat, metas in self._gathered_buckets(bucket_mb, "cpu") if flat is not None]
+        return [(ray.put(flat), metas) for flat, metas in self._gathered_buckets(self.weight_plan(bucket_mb), "cpu") if flat is not None]
 
     def init_weight_broadcast(self, backend: str, host: str, port: int, world_size: int) -> None:
         """Rank 0 joins the broadcast group with the rollout engines as its rank 0 (`rollout.collective`);
@@ -243,7 +243,7 @@ class Learner:
         """Broadcast path: rank 0 sends each bucket from its device, in `weight_plan` order; every rank
         must call (ZeRO-3 gathers). Returns the tensors sent (0 on other ranks)."""
         n = 0
-        for flat, metas in self._gathered_buckets(bucket_mb, self.device):
+        for flat, metas in self._gathered_buckets(self.weight_plan(bucket_mb), self.device):
             if flat is not None:
                 self._broadcast.broadcast(flat, src=0)
                 n += len(metas)
@@ -251,9 +251,10 @@ class Learner:
 
     def begin_ipc_export(self, bucket_mb: int) -> int:
         """Same-GPU path: start handing out buckets one at a time (`next_ipc_bucket`); returns their count."""
-        self._ipc_iter = self._gathered_buckets(bucket_mb, self.device)
+        plan = self.weight_plan(bucket_mb)
+        self._ipc_iter = self._gathered_buckets(plan, self.device)
         self._ipc_flat = None
-        return len(self.weight_plan(bucket_mb))
+        return len(plan)
 
     def next_ipc_bucket(self) -> Optional[tuple[bytes, list[TensorMeta]]]:
         """Rank 0: (CUDA IPC handle, metas) of the next bucket, which stays alive (and unchanged) until the

@@ -16,7 +16,7 @@ import ray
 from launch.config import RunConfig
 
 
-def resolve_path(cfg: RunConfig) -> str:
+def resolve_sync_path(cfg: RunConfig) -> str:
     """The configured path, with "auto" decided from the setup."""
     r = cfg.rollout
     if r.weight_sync != "auto":
@@ -50,7 +50,7 @@ class WeightSync:
     def __init__(self, cfg: RunConfig, learners: list, workers: list, path: str | None = None):
         self.learners, self.workers = learners, workers
         self.bucket_mb = cfg.rollout.sync_bucket_mb
-        self.path = path or resolve_path(cfg)
+        self.path = path or resolve_sync_path(cfg)
         if self.path == "broadcast":
             self._join_broadcast_group(cfg)
         elif self.path == "cuda_ipc":
