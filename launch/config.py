@@ -183,6 +183,9 @@ class TeacherConfig:
     token_budget (int, *optional*, defaults to 16384): tokens per teacher micro-batch.
     num_gpus (float, *optional*, defaults to 0): GPUs per teacher replica.
     num_cpus (float, *optional*, defaults to 1): CPUs per teacher replica.
+    overlap (bool, *optional*, defaults to True): with several rollout workers, score each worker's
+        samples as soon as that worker finishes, while the others still generate (not in sleep mode,
+        where the engines share the GPU with the teacher).
     """
 
     backend: Literal["ray", "http", "vllm_server"] = "ray"
@@ -194,6 +197,7 @@ class TeacherConfig:
     token_budget: int = 16384
     num_gpus: float = 0.0
     num_cpus: float = 1.0
+    overlap: bool = True
 
     def validate(self) -> None:
         _positive("teacher.num_replicas", self.num_replicas)

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -19,7 +20,7 @@ from launch.placement import create_placement, release
 from minillm.gkd import OnPolicyMixer
 from rollout.types import RolloutBatch, SamplingSettings
 from teacher.ray_pool import balance_rows
-from teacher.types import TeacherScores
+from teacher.types import TeacherScores, concat_scores
 from trainer import checkpoint as ckpt
 from trainer.data import PretrainData, PromptData, read_records
 from trainer.evaluate import reverse_kl_estimate
@@ -42,18 +43,51 @@ def sampling(cfg: RunConfig, tokenizer, seed: int, n: Optional[int] = None) -> S
                             n=n or r.n_samples, eos_token_id=tokenizer.eos_token_id, seed=seed, mix_alpha=r.mix_alpha)
 
 
-def generate(workers: list, prompts: list[list[int]], settings: SamplingSettings) -> RolloutBatch:
-    """Split prompts over the workers in contiguous shards (data parallel); rows come back in prompt order."""
+def submit_generate(workers: list, prompts: list[list[int]], settings: SamplingSettings) -> list:
+    """Split prompts over the workers in contiguous shards (data parallel); one ref per non-empty shard, in prompt order."""
     W = len(workers)
     bounds = [len(prompts) * i // W for i in range(W + 1)]
-    refs = [w.generate.remote(prompts[lo:hi], dataclasses.replace(settings, seed=None if settings.seed is None else settings.seed + i))
+    return [w.generate.remote(prompts[lo:hi], dataclasses.replace(settings, seed=None if settings.seed is None else settings.seed + i))
             for i, (w, lo, hi) in enumerate(zip(workers, bounds[:-1], bounds[1:])) if hi > lo]
-    return RolloutBatch.concat(ray.get(refs))
+
+
+def generate(workers: list, prompts: list[list[int]], settings: SamplingSettings) -> RolloutBatch:
+    """Rows come back in prompt order."""
+    return RolloutBatch.concat(ray.get(submit_generate(workers, prompts, settings)))
 
 
 def score(teacher, batch: RolloutBatch, cfg: RunConfig) -> TeacherScores:
     return teacher.score(batch.sequences, batch.prompt_lens, batch.response_lens,
                          topk=cfg.teacher.topk, return_full=cfg.teacher.return_full)
+
+
+def generate_and_score(workers: list, prompts: list[list[int]], settings: SamplingSettings, teacher,
+                       cfg: RunConfig) -> tuple[RolloutBatch, TeacherScores, float, float]:
+    """Generate, and score each worker's shard as soon as that worker is done, so that scoring overlaps the
+    tail of generation (workers finish at different times: response lengths vary). Still on-policy: every
+    shard was sampled with the current weights. Returns (batch, scores, seconds until the last shard was
+    sampled, seconds more until every score was in). Scores equal one `score` call on the whole batch."""
+    t0 = time.perf_counter()
+    refs = submit_generate(workers, prompts, settings)
+    position = {ref: i for i, ref in enumerate(refs)}
+    shards, futures = [None] * len(refs), [None] * len(refs)
+    # teacher clients block (Ray pool, HTTP); threads let several shards be scored while we wait on the rest
+    with ThreadPoolExecutor(max_workers=len(refs), thread_name_prefix="score") as pool:
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            i = position[ready[0]]
+            shards[i] = ray.get(ready[0])
+            futures[i] = pool.submit(score, teacher, shards[i], cfg)
+        generate_s = time.perf_counter() - t0
+        batch = RolloutBatch.concat(shards)
+        scores = concat_scores([f.result() for f in futures], T=batch.max_response_len)
+    return batch, scores, generate_s, time.perf_counter() - t0 - generate_s
+
+
+def overlaps_scoring(cfg: RunConfig, workers: list) -> bool:
+    """teacher.overlap, where it can help: several workers, and no engine sleeping on a shared GPU."""
+    return cfg.teacher.overlap and len(workers) > 1 and not cfg.rollout.sleep_mode
 
 
 def train_on(learners: list, batch: RolloutBatch, scores: TeacherScores, pretrain: Optional[RolloutBatch]) -> dict:
@@ -271,15 +305,23 @@ def _run(cfg: RunConfig, roles: Roles, tokenizer, data: Datasets, out_dir: Path,
         idx = train_data.next_indices(cfg.rollout.prompts_per_step)
         prompts = [train_data.prompts[i] for i in idx]
         settings = sampling(cfg, tokenizer, seed=cfg.rollout.seed + 7919 * step)
-        if source == "student":
-            batch = generate(roles.rollout, prompts, settings)
-        elif source == "teacher":
-            batch = generate(roles.teacher_sampler, prompts, dataclasses.replace(settings, n=1))
-            batch.source, batch.student_logprobs = "teacher", None
+        if source == "teacher":
+            workers, settings = roles.teacher_sampler, dataclasses.replace(settings, n=1)
         else:
+            workers = roles.rollout
+        scores = None
+        if source == "dataset":
             batch = RolloutBatch.from_lists(prompts, [train_data.responses[i] for i in idx], tokenizer.pad_token_id,
                                             source="dataset")
-        timings["time/generate"] = time.perf_counter() - t0
+        elif overlaps_scoring(cfg, workers):
+            # time/score is then only the scoring left after the last shard was sampled
+            batch, scores, timings["time/generate"], timings["time/score"] = generate_and_score(
+                workers, prompts, settings, roles.teacher, cfg)
+        else:
+            batch = generate(workers, prompts, settings)
+        if source == "teacher":
+            batch.source, batch.student_logprobs = "teacher", None
+        timings.setdefault("time/generate", time.perf_counter() - t0)
         gpu_stats.update(gpu.lap("generate"))
         if cfg.rollout.sleep_mode:  # single-GPU mode: the engines give their GPU memory to scoring and training
             t0 = time.perf_counter()
@@ -290,10 +332,11 @@ def _run(cfg: RunConfig, roles: Roles, tokenizer, data: Datasets, out_dir: Path,
         if hooks.on_batch is not None:
             hooks.on_batch(step + 1, batch)
 
-        t0 = time.perf_counter()
-        scores = score(roles.teacher, batch, cfg)
-        timings["time/score"] = time.perf_counter() - t0
-        gpu_stats.update(gpu.lap("score"))
+        if scores is None:
+            t0 = time.perf_counter()
+            scores = score(roles.teacher, batch, cfg)
+            timings["time/score"] = time.perf_counter() - t0
+            gpu_stats.update(gpu.lap("score"))
 
         pretrain = None
         if pretrain_data is not None:
