@@ -123,7 +123,8 @@ class RolloutConfig:
         "object_store" (CPU-staged buckets through Ray's object store), "broadcast" (learner rank 0
         broadcasts each bucket: NCCL on GPU, gloo on CPU), "cuda_ipc" (vLLM on the learner's own GPU:
         zero-copy handles). "auto": object_store on CPU or with the hf backend; with vllm, cuda_ipc when
-        one learner rank and the rollout share one GPU (the single-GPU mode), else broadcast.
+        every worker sits on the GPU of the only learner rank (the single-GPU mode), else broadcast, or
+        object_store where a GPU would hold two NCCL ranks (decided from the GPUs Ray assigns).
     num_cpus (float, *optional*, defaults to 1): CPUs per rollout worker actor.
     num_gpus (float, *optional*, defaults to 1): GPUs per rollout worker with tensor_parallel_size=1
         (a fraction shares a GPU with other roles: the single-GPU mode); with tensor parallelism each

@@ -76,6 +76,23 @@ def test_weight_sync_auto_picks_the_path_of_the_setup():
     assert sync_path(load_config("single_gpu", ["rollout.backend=hf", "rollout.sleep_mode=false"])) == "object_store"
 
 
+def test_weight_sync_fits_the_gpus_ray_assigned():
+    from trainer.sync import fit_to_gpus
+
+    # auto: every worker on the learner's GPU → IPC; all on GPUs of their own → NCCL; any GPU shared → object store
+    assert fit_to_gpus("cuda_ipc", True, "g0", ["g0", "g0"]) == "cuda_ipc"
+    assert fit_to_gpus("cuda_ipc", True, "g0", ["g1", "g2"]) == "broadcast"
+    assert fit_to_gpus("cuda_ipc", True, "g0", ["g0", "g1"]) == "object_store"
+    assert fit_to_gpus("broadcast", True, "g0", ["g1", "g1"]) == "object_store"
+    assert fit_to_gpus("broadcast", False, "g0", ["g1", "g2"]) == "broadcast"
+    with pytest.raises(RuntimeError, match="cuda_ipc needs every rollout worker on learner rank 0's GPU"):
+        fit_to_gpus("cuda_ipc", False, "g0", ["g0", "g1"])
+    with pytest.raises(RuntimeError, match="one rank per GPU"):
+        fit_to_gpus("broadcast", False, "g0", ["g0"])
+    with pytest.raises(RuntimeError, match="one rank per GPU"):
+        fit_to_gpus("broadcast", False, "g0", ["g1", "g1"])
+
+
 def test_unknown_section_and_non_mapping():
     with pytest.raises(ConfigError, match="unknown config key 'nope'|unknown config key nope"):
         config_from_dict({"nope": {}})

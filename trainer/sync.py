@@ -17,15 +17,38 @@ from launch.config import RunConfig
 
 
 def resolve_sync_path(cfg: RunConfig) -> str:
-    """The configured path, with "auto" decided from the setup."""
+    """The configured path, with "auto" decided from the config (`fit_to_gpus` then checks the placement)."""
     r = cfg.rollout
     if r.weight_sync != "auto":
         return r.weight_sync
     if r.backend != "vllm" or cfg.trainer.device != "cuda":
         return "object_store"
-    one_gpu = cfg.trainer.num_ranks == 1 and r.num_workers == 1 and r.tensor_parallel_size == 1 \
-        and r.num_gpus < 1 and cfg.trainer.num_gpus < 1
-    return "cuda_ipc" if one_gpu else "broadcast"
+    # fractional GPUs: the workers may sit on the learner's GPU (the single-GPU mode)
+    may_share = cfg.trainer.num_ranks == 1 and r.tensor_parallel_size == 1 and r.num_gpus < 1 and cfg.trainer.num_gpus < 1
+    return "cuda_ipc" if may_share else "broadcast"
+
+
+def fit_to_gpus(path: str, auto: bool, learner_gpu: str, worker_gpus: list[str]) -> str:
+    """The path that works with the GPUs Ray gave (UUIDs of learner rank 0 and of each worker).
+
+    cuda_ipc needs every worker on the learner's GPU; an NCCL broadcast needs every member on its own
+    GPU (NCCL refuses two ranks on one device). "auto" falls back (cuda_ipc → broadcast → object_store);
+    an explicit choice that cannot work raises."""
+    on_learner = [g == learner_gpu for g in worker_gpus]
+    if path == "cuda_ipc":
+        if all(on_learner):
+            return path
+        if not auto:
+            raise RuntimeError(f"rollout.weight_sync=cuda_ipc needs every rollout worker on learner rank 0's GPU "
+                               f"(learner {learner_gpu}, workers {worker_gpus}); use rollout.weight_sync=broadcast")
+        path = "broadcast"
+    if path == "broadcast" and (any(on_learner) or len(set(worker_gpus)) < len(worker_gpus)):
+        if not auto:
+            raise RuntimeError(f"rollout.weight_sync=broadcast needs learner rank 0 and every rollout worker on GPUs "
+                               f"of their own (NCCL allows one rank per GPU), but some share one (learner {learner_gpu}, "
+                               f"workers {worker_gpus}); use rollout.weight_sync=object_store or auto")
+        return "object_store"
+    return path
 
 
 def get_all(refs: list) -> list:
@@ -51,12 +74,14 @@ class WeightSync:
         self.learners, self.workers = learners, workers
         self.bucket_mb = cfg.rollout.sync_bucket_mb
         self.path = path or resolve_sync_path(cfg)
+        if self.path not in ("object_store", "broadcast", "cuda_ipc"):
+            raise ValueError(f"unknown weight-sync path {self.path!r}")
+        if cfg.trainer.device == "cuda" and self.path != "object_store":
+            learner_gpu = ray.get(self.learners[0].gpu_uuid.remote())
+            worker_gpus = ray.get([w.gpu_uuid.remote() for w in self.workers])
+            self.path = fit_to_gpus(self.path, path is None and cfg.rollout.weight_sync == "auto", learner_gpu, worker_gpus)
         if self.path == "broadcast":
             self._join_broadcast_group(cfg)
-        elif self.path == "cuda_ipc":
-            self._check_same_gpu()
-        elif self.path != "object_store":
-            raise ValueError(f"unknown weight-sync path {self.path!r}")
 
     def _join_broadcast_group(self, cfg: RunConfig) -> None:
         backend = "nccl" if cfg.trainer.device == "cuda" else "gloo"
@@ -69,13 +94,6 @@ class WeightSync:
         refs += [lr.init_weight_broadcast.remote(backend, host, port, world_size) for lr in self.learners]
         get_all(refs)
         self.plan = ray.get(self.learners[0].weight_plan.remote(self.bucket_mb))
-
-    def _check_same_gpu(self) -> None:
-        want = ray.get(self.learners[0].gpu_uuid.remote())
-        got = ray.get([w.gpu_uuid.remote() for w in self.workers])
-        if want is None or any(g != want for g in got):
-            raise RuntimeError(f"rollout.weight_sync=cuda_ipc needs every rollout worker on learner rank 0's GPU "
-                               f"(learner {want}, workers {got}); use rollout.weight_sync=broadcast")
 
     def __call__(self) -> int:
         """Send the current weights; returns the tensors each worker loaded, summed over workers."""
