@@ -115,8 +115,12 @@ class RolloutConfig:
         drawn from α·p + (1−α)·q_θ (arXiv 2306.08543 §2.2); 0 is plain student sampling.
     seed (int, *optional*, defaults to 0).
     gpu_memory_utilization (float, *optional*, defaults to 0.3): vLLM's share of the GPU.
+    teacher_gpu_memory_utilization (float, *optional*, defaults to 0.35): with vllm and mix_alpha > 0,
+        the share of the same GPU for the teacher engine that draws the teacher's tokens; the two
+        shares must fit in one GPU.
     sleep_mode (bool, *optional*, defaults to False): vLLM sleeps (weights and KV cache offloaded)
-        while the learner trains; for the single-GPU mode.
+        while the learner trains; for the single-GPU mode. The teacher engine of mixed sampling sleeps
+        too (its weights wait in CPU memory).
     enforce_eager (bool, *optional*, defaults to False): vLLM without CUDA graphs (faster start).
     sync_bucket_mb (int, *optional*, defaults to 256): weight-sync flat bucket size.
     weight_sync (str, *optional*, defaults to "auto"): how new weights reach the rollout workers:
@@ -143,6 +147,7 @@ class RolloutConfig:
     mix_alpha: float = 0.0
     seed: int = 0
     gpu_memory_utilization: float = 0.3
+    teacher_gpu_memory_utilization: float = 0.35
     sleep_mode: bool = False
     enforce_eager: bool = False
     sync_bucket_mb: int = 256
@@ -165,6 +170,13 @@ class RolloutConfig:
         _in_range("rollout.top_k", self.top_k, 0, None)
         _in_range("rollout.mix_alpha", self.mix_alpha, 0.0, 1.0)
         _in_range("rollout.gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0, low_open=True)
+        _in_range("rollout.teacher_gpu_memory_utilization", self.teacher_gpu_memory_utilization, 0.0, 1.0, low_open=True)
+        if self.backend == "vllm" and self.mix_alpha > 0 and \
+                self.gpu_memory_utilization + self.teacher_gpu_memory_utilization > 1.0:
+            # vLLM would fail at start-up, when the second engine finds too little free memory
+            raise ConfigError(f"rollout.gpu_memory_utilization ({self.gpu_memory_utilization}) + "
+                              f"rollout.teacher_gpu_memory_utilization ({self.teacher_gpu_memory_utilization}) > 1: "
+                              "with mix_alpha > 0 the student and teacher engines share each rollout GPU; lower them")
 
 
 @dataclass

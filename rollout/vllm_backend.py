@@ -129,7 +129,7 @@ class VllmRolloutBackend:
         # mixed sampling: both engines see every prefix, and the student rescores the rows (one free slot)
         self._mixed_max_len = self.max_model_len - 1
         if teacher_path is not None:
-            self.teacher = LLM(model=teacher_path, dtype=teacher_dtype or dtype,
+            self.teacher = LLM(model=teacher_path, dtype=teacher_dtype or dtype, enable_sleep_mode=sleep_mode,
                                gpu_memory_utilization=teacher_gpu_memory_utilization, **common)
             self._mixed_max_len = min(self._mixed_max_len, int(self.teacher.model_config.max_model_len))
             v_student = self.llm.model_config.get_vocab_size()
@@ -249,13 +249,18 @@ class VllmRolloutBackend:
 
     def sleep(self, level: int = 1) -> None:
         """Level 1 offloads weights to CPU and drops the KV cache; level 2 drops the weights too; level 0 only
-        pauses scheduling (wake with ["scheduling"]). vLLM also clears the prefix cache (`EngineCore.sleep`)."""
+        pauses scheduling (wake with ["scheduling"]). vLLM also clears the prefix cache (`EngineCore.sleep`).
+        The mixed-sampling teacher engine sleeps with it, at level 1 at most: no sync rewrites its weights."""
         self.llm.sleep(level=level)
+        if self.teacher is not None:
+            self.teacher.sleep(level=min(level, 1))
         self._asleep = {"scheduling"} if level == 0 else {"weights", "kv_cache"}
 
     def wake_up(self, tags: Optional[list[str]] = None) -> None:
         """tags: None wakes everything; ["weights"] then ["kv_cache"] lets new weights load before the KV cache returns."""
         self.llm.wake_up(tags=tags)
+        if self.teacher is not None:
+            self.teacher.wake_up(tags=tags)
         self._asleep = set() if tags is None else self._asleep - set(tags)
 
     def _reset_prefix_cache(self) -> None:

@@ -76,6 +76,14 @@ def test_weight_sync_auto_picks_the_path_of_the_setup():
     assert sync_path(load_config("single_gpu", ["rollout.backend=hf", "rollout.sleep_mode=false"])) == "object_store"
 
 
+def test_two_vllm_engines_must_fit_one_gpu():
+    base = ["rollout.backend=vllm", "trainer.device=cuda", "rollout.mix_alpha=0.2"]
+    with pytest.raises(ConfigError, match=r"rollout.gpu_memory_utilization \(0.7\) \+ rollout.teacher_gpu_memory_utilization \(0.35\) > 1"):
+        load_config(None, base + ["rollout.gpu_memory_utilization=0.7"])
+    load_config(None, base + ["rollout.gpu_memory_utilization=0.6"])  # 0.6 + 0.35 fits
+    load_config(None, ["rollout.backend=vllm", "trainer.device=cuda", "rollout.gpu_memory_utilization=0.9"])  # no teacher engine
+
+
 def test_weight_sync_fits_the_gpus_ray_assigned():
     from trainer.sync import fit_to_gpus
 

@@ -241,3 +241,40 @@ def test_sleep_wake_and_ipc_sync_in_the_loops_order(worker, paths):
         assert_bf16_close(ray.get(w.logprobs.remote(batch)), ref, mask)
     finally:
         ray.kill(w)
+
+
+def test_mixed_sampling_engines_sleep_and_wake_together(worker, paths):  # worker: the module's Ray cluster
+    """Single-GPU mode with teacher-mixed sampling: sleep(2) frees the student's and the teacher engine's memory
+    (the teacher's weights wait in CPU memory), and after the loop's wake/sync order both sample again."""
+    import ray
+
+    from rollout.types import SamplingSettings
+    from rollout.vllm_backend import ipc_handle
+    from rollout.worker import RolloutWorkerActor
+
+    share = 0.15
+    w = RolloutWorkerActor.options(num_gpus=0.4).remote(paths[0], backend="vllm", dtype="bfloat16",
+                                                        gpu_memory_utilization=share, teacher_path=paths[1],
+                                                        teacher_gpu_memory_utilization=share, enforce_eager=True,
+                                                        sleep_mode=True, seed=0)
+    try:
+        settings = SamplingSettings(max_new_tokens=8, n=2, seed=4, eos_token_id=EOS, mix_alpha=0.2)
+        ray.get(w.generate.remote(PROMPTS, settings))
+        free_awake, total = torch.cuda.mem_get_info()
+        ray.get(w.sleep.remote(2))
+        free_asleep, _ = torch.cuda.mem_get_info()
+        # both engines' shares (weights + KV cache) come back, less what CUDA contexts and graphs keep
+        assert free_asleep - free_awake > 1.5 * share * total, (free_awake, free_asleep, total)
+        ray.get(w.wake_up.remote(["weights"]))
+        learner = perturbed(paths[0], seed=5)
+        buckets = bf16_buckets(learner, "cuda")
+        torch.cuda.synchronize()
+        for i, (flat, metas) in enumerate(buckets):
+            ray.get(w.update_weights_ipc.remote([(ipc_handle(flat), metas)], complete=i == len(buckets) - 1))
+        ray.get(w.wake_up.remote(["kv_cache"]))
+        batch = ray.get(w.generate.remote(PROMPTS, settings))
+        assert batch.source == "mixed" and len(batch) == len(PROMPTS) * 2
+        ref, mask = hf_logprobs(learner, batch), batch.response_mask()
+        assert_bf16_close(batch.student_logprobs, ref, mask)  # the student engine rescored with the new weights
+    finally:
+        ray.kill(w)

@@ -73,8 +73,12 @@ class Learner:
     """One DeepSpeed rank. Public methods are the actor protocol (all ranks are called together)."""
 
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int,
-                 student: str, student_init: str, dtype: str, trainer: dict, objective: dict):
+                 student: str, student_init: str, dtype: str, trainer: dict, objective: dict,
+                 release_memory: bool = False):
+        """release_memory: return cached CUDA memory to the GPU after each update and sync, for a GPU shared
+        with a sleeping vLLM engine (the single-GPU mode), which must find it free when it wakes."""
         self.cfg = TrainerConfig(**trainer)
+        self.release_memory = release_memory
         self.obj = ObjectiveConfig(**objective)
         self.rank, self.world_size = rank, world_size
         torch.set_num_threads(max(1, int(self.cfg.num_cpus)))
@@ -164,6 +168,7 @@ class Learner:
             if epoch == 0 and grad_norm is None:  # ZeRO 1-3: DeepSpeed's pre-clipping norm of this step
                 grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
         peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
+        self._release_cached_memory()
         return {"sums": sums, "tokens": int(batch.response_lens.sum()), "lr": lr, "grad_norm": grad_norm,
                 "peak_mem_gb": peak}
 
@@ -275,6 +280,11 @@ class Learner:
             raise RuntimeError("end_ipc_export: buckets were left unsent")
         if self.device.type == "cuda":  # free shared buckets torch still holds for the engine (as vLLM's ipc_engine)
             torch.cuda.ipc_collect()
+        self._release_cached_memory()
+
+    def _release_cached_memory(self) -> None:
+        if self.release_memory and self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def state_dict_cpu(self) -> dict[str, torch.Tensor]:
         """Full weights on rank 0 (others: {}), gathered bucket by bucket under ZeRO-3."""

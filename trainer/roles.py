@@ -69,7 +69,8 @@ def start_learners(cfg: RunConfig, placement: RolePlacement) -> list:
     addr, port = ray.get(ray.remote(node_address).options(num_cpus=0, scheduling_strategy=placement.strategy(0)).remote())
     common = dict(world_size=n, master_addr=addr, master_port=port, student=cfg.model.student,
                   student_init=cfg.model.student_init, dtype=cfg.model.dtype,
-                  trainer=dataclasses.asdict(cfg.trainer), objective=dataclasses.asdict(cfg.objective))
+                  trainer=dataclasses.asdict(cfg.trainer), objective=dataclasses.asdict(cfg.objective),
+                  release_memory=cfg.rollout.sleep_mode)
     learners = [actor.options(**opts(i)).remote(rank=i, **common) for i in range(n)]
     ray.get([lr.ready.remote() for lr in learners])
     return learners
@@ -81,7 +82,8 @@ def start_teacher(cfg: RunConfig, placement: Optional[RolePlacement]):
         from teacher.ray_pool import TeacherPool
         return TeacherPool(resolve_path(cfg.model.teacher), num_replicas=t.num_replicas, device=cfg.trainer.device,
                            dtype=cfg.model.dtype, num_cpus_per_replica=t.num_cpus, num_gpus_per_replica=t.num_gpus,
-                           token_budget=t.token_budget, placement=placement.slots())
+                           token_budget=t.token_budget, placement=placement.slots(),
+                           release_memory=cfg.rollout.sleep_mode)  # single-GPU mode: give the engine its memory back
     if t.backend == "http":
         from teacher.http_client import HttpTeacherClient
         return HttpTeacherClient(t.url)
@@ -97,6 +99,8 @@ def start_rollout(cfg: RunConfig, placement: RolePlacement, model_path: str, tea
     if r.backend == "vllm":
         kwargs.update(tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
                       enforce_eager=r.enforce_eager, sleep_mode=r.sleep_mode)
+        if teacher_path is not None:
+            kwargs["teacher_gpu_memory_utilization"] = r.teacher_gpu_memory_utilization
     # a distinct engine seed per worker: an unseeded request draws from it, and equal seeds repeat samples
     workers = [RolloutWorkerActor.options(num_cpus=r.num_cpus, num_gpus=r.gpus_per_worker(cfg.trainer.device),
                                           scheduling_strategy=placement.strategy(i)).remote(
