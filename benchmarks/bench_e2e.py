@@ -163,10 +163,13 @@ def ours_config(spec: dict, objective: str, mix_alpha: float, out_dir: str, back
         "rollout": {"backend": backend, "num_workers": 1, "prompts_per_step": B, "n_samples": 1,
                     "max_new_tokens": L, "mix_alpha": mix_alpha, "seed": spec["seed"],
                     "gpu_memory_utilization": spec["vllm_gpu_memory_utilization"], "sleep_mode": False,
+                    # α > 0's teacher engine: 1.5b bf16 weights (~3 GB) + a KV cache for one step's 16 rows
+                    "teacher_gpu_memory_utilization": 0.15,
                     "enforce_eager": spec["enforce_eager"], "num_cpus": cpus,
                     "num_gpus": 0.3 if cuda else 1.0},  # Ray's shares of the one GPU: 0.3 + 0.2 + 0.4
         "teacher": {"backend": "ray", "num_replicas": 1, "topk": topk, "return_full": topk == 0,
-                    "token_budget": max(16384, B * (P + L)), "num_gpus": 0.2 if cuda else 0.0, "num_cpus": cpus},
+                    "token_budget": max(16384, B * (P + L)), "num_gpus": 0.2 if cuda else 0.0, "num_cpus": cpus,
+                    "overlap": False},  # one rollout worker: nothing to overlap; phases stay separate
         "objective": obj,
         "trainer": {"steps": spec["warmup"] + spec["steps"] + 2, "lr": spec["lr"], "weight_decay": 0.0,
                     "lr_schedule": "constant", "warmup_steps": 0, "grad_clip": 1.0, "zero_stage": 0, "num_ranks": 1,

@@ -15,6 +15,7 @@ import difflib
 import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -177,6 +178,10 @@ class RolloutConfig:
             raise ConfigError(f"rollout.gpu_memory_utilization ({self.gpu_memory_utilization}) + "
                               f"rollout.teacher_gpu_memory_utilization ({self.teacher_gpu_memory_utilization}) > 1: "
                               "with mix_alpha > 0 the student and teacher engines share each rollout GPU; lower them")
+        engines = self.gpu_memory_utilization + (self.teacher_gpu_memory_utilization if self.mix_alpha > 0 else 0.0)
+        if self.backend == "vllm" and self.num_gpus < 1 and engines > 0.7:
+            warnings.warn(f"rollout: the vLLM engines take {engines:.0%} of a GPU they share with other roles "
+                          f"(rollout.num_gpus={self.num_gpus}); the learner and teacher get the rest", stacklevel=2)
 
 
 @dataclass

@@ -231,6 +231,10 @@ def gpu_spec(**kw):
     return {**spec, **kw}
 
 
+def backend_is_vllm(system_def: dict) -> bool:
+    return system_def.get("backend", "vllm") == "vllm"
+
+
 @pytest.mark.parametrize("system", ["ours_gkd", "ours_minillm_a0", "ours_minillm_a02", "ours_gkd_hf"])
 def test_our_gpu_configs_validate_and_share_one_gpu(system):
     """The configs the GPU run will use: valid, one GPU shared by Ray fractions, CUDA-IPC weight sync for vLLM."""
@@ -242,6 +246,10 @@ def test_our_gpu_configs_validate_and_share_one_gpu(system):
     cfg = config_from_dict(bench_e2e.ours_config(gpu_spec(), d["objective"], d["mix_alpha"], "/o", d.get("backend")))
     gpus = sum(b.get("GPU", 0.0) for bundles in role_bundles(cfg).values() for b in bundles)
     assert gpus <= 1.0
+    # vLLM's fixed shares leave at least half the GPU to the learner and the teacher scorer
+    engines = cfg.rollout.gpu_memory_utilization + (cfg.rollout.teacher_gpu_memory_utilization if d["mix_alpha"] > 0 else 0)
+    if backend_is_vllm(d):
+        assert engines <= 0.5
     backend = d.get("backend", "vllm")
     assert resolve_sync_path(cfg) == ("cuda_ipc" if backend == "vllm" else "object_store")
     assert (cfg.rollout.backend, cfg.model.dtype, cfg.trainer.bf16) == (backend, "bfloat16", True)

@@ -82,6 +82,9 @@ def test_two_vllm_engines_must_fit_one_gpu():
         load_config(None, base + ["rollout.gpu_memory_utilization=0.7"])
     load_config(None, base + ["rollout.gpu_memory_utilization=0.6"])  # 0.6 + 0.35 fits
     load_config(None, ["rollout.backend=vllm", "trainer.device=cuda", "rollout.gpu_memory_utilization=0.9"])  # no teacher engine
+    with pytest.warns(UserWarning, match="the vLLM engines take 75% of a GPU they share with other roles"):
+        load_config(None, base + ["rollout.gpu_memory_utilization=0.4", "rollout.teacher_gpu_memory_utilization=0.35",
+                                  "rollout.num_gpus=0.5"])
 
 
 def test_weight_sync_fits_the_gpus_ray_assigned():

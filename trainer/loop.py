@@ -72,8 +72,9 @@ def generate_and_score(workers: list, prompts: list[list[int]], settings: Sampli
     position = {ref: i for i, ref in enumerate(refs)}
     shards, futures = [None] * len(refs), [None] * len(refs)
     # teacher clients block (Ray pool, HTTP); threads let several shards be scored while we wait on the rest
-    with ThreadPoolExecutor(max_workers=len(refs), thread_name_prefix="score") as pool:
-        pending = list(refs)
+    pool = ThreadPoolExecutor(max_workers=len(refs), thread_name_prefix="score")
+    pending = list(refs)
+    try:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             i = position[ready[0]]
@@ -82,6 +83,12 @@ def generate_and_score(workers: list, prompts: list[list[int]], settings: Sampli
         generate_s = time.perf_counter() - t0
         batch = RolloutBatch.concat(shards)
         scores = concat_scores([f.result() for f in futures], T=batch.max_response_len)
+    except BaseException:
+        for ref in pending:  # a failed shard: stop the others rather than wait for them
+            ray.cancel(ref)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     return batch, scores, generate_s, time.perf_counter() - t0 - generate_s
 
 
@@ -249,8 +256,10 @@ def train(cfg: RunConfig, hooks: Optional[Hooks] = None) -> dict:
         ray.get([lr.save_hf.remote(str(init_dir)) for lr in learners])
         tokenizer.save_pretrained(init_dir)
         teacher_path = resolve_path(cfg.model.teacher) if cfg.rollout.mix_alpha > 0 else None
-        roles = Roles(learners=learners, rollout=start_rollout(cfg, placement["rollout"], str(init_dir), teacher_path),
-                      teacher=start_teacher(cfg, placement.get("teacher")), placement=placement)
+        roles = Roles(learners=learners, rollout=[], teacher=None, placement=placement)  # filled as roles start
+        # vLLM engines last: each takes a fixed share of its GPU and checks at start that the share is free
+        roles.teacher = start_teacher(cfg, placement.get("teacher"))
+        roles.rollout = start_rollout(cfg, placement["rollout"], str(init_dir), teacher_path)
         if cfg.objective.seq_kd:
             roles.teacher_sampler = start_rollout(cfg, placement["teacher_sampler"], resolve_path(cfg.model.teacher))
         roles.sync = WeightSync(cfg, learners, roles.rollout)
@@ -322,7 +331,7 @@ def _run(cfg: RunConfig, roles: Roles, tokenizer, data: Datasets, out_dir: Path,
         if source == "teacher":
             batch.source, batch.student_logprobs = "teacher", None
         timings.setdefault("time/generate", time.perf_counter() - t0)
-        gpu_stats.update(gpu.lap("generate"))
+        gpu_stats.update(gpu.lap("generate" if scores is None else "generate_score"))  # overlapped: one phase
         if cfg.rollout.sleep_mode:  # single-GPU mode: the engines give their GPU memory to scoring and training
             t0 = time.perf_counter()
             # level 2 drops the weights instead of copying them to CPU: the sync below rewrites all of them
