@@ -22,7 +22,7 @@ tokenizer), the prompts (--prompt-len tokens each, text that tokenises identical
 step (TRL: per_device_train_batch_size, gradient_accumulation_steps=1), one sample per prompt, sampling at
 temperature 1 without top-p/top-k, --max-new-tokens generated tokens per response, AdamW (torch) with
 constant lr, no weight decay, gradient clipping at 1.0, bf16 on GPU, gradient checkpointing off (--grad-ckpt on
-for all), the vLLM engines at --vllm-gpu-memory-utilization with CUDA graphs (--enforce-eager for all).
+for all), the vLLM engines at --vllm-gpu-memory-utilization with CUDA graphs (--enforce-eager: ours only, refused with trl_vllm).
 Ours on the GPU: Ray shares 0.4 learner / 0.3 vLLM rollout / 0.2 teacher of the one GPU, weights synced by
 CUDA IPC, vLLM awake throughout (TRL's default vllm_enable_sleep_mode=False), the teacher returning full
 distributions (--teacher-topk 0: the exact JSD, as TRL computes it), one learner micro-batch per step (as
@@ -508,7 +508,7 @@ def main(argv=None) -> None:
                     help="TRL's student weights on cuda: float32 + bf16 autocast (TRL's default; fp32 master weights "
                          "like DeepSpeed's bf16 optimizer) or bfloat16 (no master copy)")
     ap.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3)
-    ap.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs (ours and TRL)")
+    ap.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs (ours only: refused with trl_vllm)")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (ours and TRL)")
     ap.add_argument("--sample-interval", type=float, default=0.1, help="GPU sampling period (s)")
     ap.add_argument("--baseline", default=None, help="system the speed-ups are relative to")
@@ -558,6 +558,10 @@ def main(argv=None) -> None:
         sys.exit(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
     if not cuda and "trl_vllm" in systems:
         sys.exit("trl_vllm needs --device cuda (vLLM)")
+    if args.enforce_eager and "trl_vllm" in systems:
+        # TRL 1.16 builds its LLM without enforce_eager (trl/generation/vllm_generation.py): it would keep CUDA graphs
+        sys.exit("--enforce-eager cannot reach TRL's colocated vLLM (it always captures CUDA graphs); "
+                 "drop it or leave trl_vllm out of --systems")
     spec = {
         "device": args.device, "student_shape": student_shape, "teacher_shape": teacher_shape, "vocab": vocab,
         "prompts_per_step": args.prompts_per_step or (16 if cuda else 4), "prompt_len": args.prompt_len or (64 if cuda else 8),

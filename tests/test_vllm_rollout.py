@@ -154,9 +154,9 @@ def test_mixed_sampling_token_frequencies_match_mixture(worker, paths):
     plain = ray.get(worker.generate.remote([prompt], settings))
     assert mixed.source == "mixed" and mixed.mix_alpha == alpha and len(mixed) == N == len(plain)
     with torch.no_grad():
-        logq = torch.log_softmax(load_fp32(paths[0])(input_ids=torch.tensor([prompt]).cuda()).logits[0, -1].float(), -1).cpu()
-        p = torch.softmax(load_fp32(paths[1])(input_ids=torch.tensor([prompt]).cuda()).logits[0, -1].float(), -1).cpu().numpy()
-    q = logq.exp().numpy()
+        logq = torch.log_softmax(load_fp32(paths[0])(input_ids=torch.tensor([prompt]).cuda()).logits[0, -1].double(), -1).cpu()
+        p = torch.softmax(load_fp32(paths[1])(input_ids=torch.tensor([prompt]).cuda()).logits[0, -1].double(), -1).cpu().numpy()
+    q = logq.exp().numpy()  # float64: chisquare checks that observed and expected sums agree to 1.5e-8
 
     def pvalue(tokens, a):
         probs = a * p + (1 - a) * q
