@@ -17,7 +17,8 @@
 # 7.     bash benchmarks/gpu_runbook.sh e2e_128k  ours_gkd + trl_vllm at vocab 128256           (<= 9.4 min)
 # Before those, the correctness checks of the GPU paths (one call each; they gate issues 5, 6 and 8):
 #  a.    bash /tmp/parts/install.sh && bash benchmarks/gpu_runbook.sh preflight vllm_tests       (<= 9.5 min)
-#  b.    bash benchmarks/gpu_runbook.sh debug    single-GPU mode 20 steps + export -> vLLM     (<= 9.5 min)
+#  b.    bash benchmarks/gpu_runbook.sh debug debug_export   single-GPU mode 20 steps, then its export in
+#        vLLM (<= 10 min; if debug_train takes over ~5 min, run debug_export in the next call, machine still warm)
 # Priority if time runs short: a, b, 2 (the comparison of the issue), 6, 5, 3, 4, 1, 7. A step can also name its
 # systems: `e2e:ours_gkd` or `e2e:trl_vllm` (one system per call if a call risks the 10 minutes). Every e2e
 # step passes --reuse, so $OUT/e2e_cuda_0.5b-1.5b_v32000.json holds everything measured so far with this
@@ -120,20 +121,28 @@ with open(sys.argv[1], "w") as f:
         f.write(json.dumps({"prompt": text}) + "\n")
 EOF
   if [ "$DEV" != cuda ]; then log "debug: models and prompts built; the run itself needs a GPU (vLLM + sleep mode)"; return; fi
-  run debug_train 540 "$PY" -m launch.cli train --config single_gpu --no-progress output_dir=$run \
+  # 64 new tokens: random weights almost never sample EOS, so every row runs to the limit, and mixed sampling
+  # alternates engines every ~5 tokens (at 256 tokens a step was estimated at 15-20 s: too long for one call)
+  run debug_train 420 "$PY" -m launch.cli train --config single_gpu --no-progress output_dir=$run \
       model.student=$models/student model.teacher=$models/teacher data.prompts=$models/prompts.jsonl \
-      data.eval_prompts=null data.chat_template=false trainer.steps=20 checkpoint.every=10 rollout.mix_alpha=0.2
+      data.eval_prompts=null data.chat_template=false trainer.steps=20 checkpoint.every=10 rollout.mix_alpha=0.2 \
+      rollout.max_new_tokens=64
   cp $run/metrics.jsonl "$OUT/debug_metrics.jsonl" 2>/dev/null
-  run debug_export_vllm 240 "$PY" benchmarks/check_export_vllm.py $run/final --out "$OUT/debug_export_vllm.json"
+}
+
+debug_export() {  # the debug run's exported folder in vLLM (its own step: may need a call of its own)
+  run debug_export_vllm 240 "$PY" benchmarks/check_export_vllm.py /tmp/debug_run/final --out "$OUT/debug_export_vllm.json"
 }
 
 for step in "$@"; do
   case "$step" in
     preflight) preflight ;;
     vllm_tests) # issue 8 (and 4's vLLM client): the gpu-marked tests, vLLM inside Ray actors
-               # the file, not tests/: collecting every module would import ones (uvicorn) the GPU machine lacks
-               run vllm_tests 540 "$PY" -m pytest -q -m gpu -rs tests/test_vllm_rollout.py  # no -x: one run, every result ;;
+               # the file, not tests/: collecting every module would import ones (uvicorn) the GPU machine lacks;
+               # no -x: one chance to run, so every test's result
+               run vllm_tests 540 "$PY" -m pytest -q -m gpu -rs tests/test_vllm_rollout.py ;;
     debug)     debug ;;
+    debug_export) debug_export ;;
     mfu)       # 8 x 2048 tokens a step (~60 GB estimated); on failure (OOM) once more with half the sequences
                run mfu 240 "$PY" benchmarks/bench_learner_mfu.py "${MFU[@]}" --out-dir "$OUT" ||
                  run mfu_4seqs 200 "$PY" benchmarks/bench_learner_mfu.py "${MFU[@]}" --seqs 4 --out-dir "$OUT" ;;
@@ -147,6 +156,6 @@ for step in "$@"; do
     teacher)   run teacher 300 "$PY" benchmarks/bench_teacher_scoring.py "${TEACH[@]}" --out-dir "$OUT" ;;
     rollout)   run rollout 400 "$PY" benchmarks/bench_rollout.py "${ROLL[@]}"
                cp benchmarks/results/rollout_"$DEV"_*.json "$OUT/" 2>/dev/null || log "rollout: no JSON to copy" ;;
-    *) log "unknown step $step (preflight vllm_tests debug mfu e2e_a e2e_b e2e_c e2e:SYSTEMS e2e_report e2e_128k divergence teacher rollout)" ;;
+    *) log "unknown step $step (preflight vllm_tests debug debug_export mfu e2e_a e2e_b e2e_c e2e:SYSTEMS e2e_report e2e_128k divergence teacher rollout)" ;;
   esac
 done

@@ -243,6 +243,10 @@ class VllmRolloutBackend:
         self._reset_prefix_cache()
         return n
 
+    def gpu_uuid(self) -> str:
+        """The GPU of engine rank 0, asked of the engine process (this actor never touches CUDA itself)."""
+        return self.llm.collective_rpc("gpu_uuid")[0]
+
     def weights_checksum(self) -> float:
         return self.llm.collective_rpc("weights_checksum")[0]
 

@@ -102,6 +102,10 @@ class WeightSyncExtension:
         del flat
         return n
 
+    def gpu_uuid(self) -> str:
+        """This engine worker's GPU (the same string as the learner's `torch.cuda.get_device_properties(..).uuid`)."""
+        return str(torch.cuda.get_device_properties(self.device).uuid)
+
     def weights_checksum(self) -> float:
         """Sum of all parameters in float64 (tests: did a sync change the weights?)."""
         return float(sum(p.double().sum().item() for p in self._sync_model().parameters()))

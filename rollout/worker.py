@@ -68,7 +68,9 @@ class RolloutWorker:
         return n
 
     def gpu_uuid(self) -> Optional[str]:
-        """The GPU this worker sees (the same-GPU path checks it is the learner's)."""
+        """The GPU this worker samples on (the same-GPU path checks it is the learner's); None on CPU."""
+        if hasattr(self.backend, "gpu_uuid"):  # vllm: ask the engine, so this actor makes no CUDA context (~0.5 GB)
+            return self.backend.gpu_uuid()
         return str(torch.cuda.get_device_properties(0).uuid) if torch.cuda.is_available() else None
 
     def init_weight_update_group(self, backend: str, host: str, port: int, rank_offset: int, world_size: int) -> None:

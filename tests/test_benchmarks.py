@@ -335,3 +335,24 @@ def test_e2e_ours_cpu_smoke(tmp_path):
     # our wrappers' time stamps and the loop's own phase times (metrics.jsonl) agree
     assert part["max_abs_diff_wrapper_vs_loop_phase_s"] < 0.05
     assert res["config"]["student_params"] == models.param_count(models.llama_config("tiny", 512))
+
+
+def test_gpu_runbook_parses_and_its_debug_step_runs_in_smoke_mode(tmp_path):
+    """The runbook is what a lent GPU session runs, once: a syntax error or a step the case statement does not
+    know would waste it. Every step the header names must be handled; the debug step runs on CPU (tiny models)."""
+    import re
+    from pathlib import Path
+
+    script = Path(bench_e2e.__file__).parent / "gpu_runbook.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    handled = set(re.findall(r"^\s{4}([a-z_0-9]+)\)", text, flags=re.M))
+    named = set()
+    for line in re.findall(r"gpu_runbook\.sh((?: [a-z_0-9]+)+)", text):  # steps: single spaces; notes after 2+
+        named |= set(line.split())
+    assert named and named <= handled, named - handled
+    out = tmp_path / "out"
+    env = {**os.environ, "RUNBOOK_SMOKE": "1", "OUT": str(out)}
+    subprocess.run(["bash", str(script), "debug"], check=True, env=env, timeout=300)
+    log = (out / "runbook.log").read_text()
+    assert "debug_student: rc=0" in log and "debug_teacher: rc=0" in log, log

@@ -141,3 +141,26 @@ def test_metrics_over_micro_batches_equal_the_whole_batch_loss(roles):
     finally:
         ray.kill(learner[0])
         release(placement)
+
+
+def test_bf16_learner_starts_with_a_fresh_adam_state(roles):
+    """bf16 at ZeRO 0: DeepSpeed's wrapper steps the optimizer once on zero gradients while it initialises; the
+    learner must undo that, so the first update is Adam's step 1, as in fp32 runs (and as TRL's)."""
+    cfg, _, workers, teacher = roles
+    base = load_config(None, ["trainer.zero_stage=0", "trainer.warmup_steps=0", "trainer.num_cpus=1", "rollout.num_cpus=1",
+                              "teacher.backend=http", "teacher.url=x", "teacher.return_full=false"])
+    # the config reserves bf16 for GPU runs; DeepSpeed's CPU accelerator takes the same bf16 ZeRO-0 path
+    bf16 = dataclasses.replace(base, trainer=dataclasses.replace(base.trainer, bf16=True),
+                               model=dataclasses.replace(base.model, dtype="bfloat16"))
+    placement = create_placement(bf16)
+    learner = []
+    try:
+        learner = start_learners(bf16, placement["learner"])
+        assert ray.get(learner[0].optimizer_steps.remote()) == 0
+        batch = generate(workers, _prompts(), SamplingSettings(max_new_tokens=4, eos_token_id=2, seed=2))
+        train_on(learner, batch, score(teacher, batch, cfg), None)
+        assert ray.get(learner[0].optimizer_steps.remote()) == 1
+    finally:
+        for lr in learner:
+            ray.kill(lr)
+        release(placement)

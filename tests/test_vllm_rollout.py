@@ -180,6 +180,8 @@ def test_same_gpu_ipc_weight_sync(worker, paths):
     from rollout.types import SamplingSettings
     from rollout.vllm_backend import ipc_handle
 
+    # the engine reports the GPU it runs on, as the learner names it (the single GPU of this machine)
+    assert ray.get(worker.gpu_uuid.remote()) == str(torch.cuda.get_device_properties(0).uuid)
     batch = ray.get(worker.generate.remote(PROMPTS, SamplingSettings(max_new_tokens=8, n=2, seed=1, eos_token_id=EOS)))
     learner = perturbed(paths[0], seed=1)
     buckets = bf16_buckets(learner, "cuda")  # kept alive until the call returns

@@ -60,7 +60,8 @@ def consolidated_state_dict(checkpoint_dir: str | os.PathLike) -> dict[str, torc
     optimizer state sits inside `mp_rank_00_model_states.pt` and zero_to_fp32 raises
     FileNotFoundError), so the "module" entry of that file is used: the module's own state dict,
     already full, tied keys included. With bf16 at stage 0 that entry is bf16 (the fp32 master
-    copy lives in `bf16_zero_pp_rank_*` files zero_to_fp32 cannot read) and is upcast.
+    copy sits in the same file's "optimizer" entry, as FP16_UnfusedOptimizer state) and is upcast: the
+    bf16 weights are exactly the master copy's rounding, which is what the engine computes with.
     """
     tag_dir = ckpt.deepspeed_dir(checkpoint_dir) / ckpt.DS_TAG
     if not tag_dir.is_dir():

@@ -106,10 +106,18 @@ class Learner:
 
         optimizer = None
         if not self.cfg.cpu_offload:  # a torch optimizer: no JIT-built DeepSpeed op needed on CPU
-            optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+            # weight decay off until DeepSpeed has wrapped it: see below
+            optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=0.0)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, config=deepspeed_config(self.cfg), lr_scheduler=make_scheduler,
             model_parameters=None if optimizer is not None else self.model.parameters())
+        if optimizer is not None:
+            # bf16 at ZeRO 0 wraps the optimizer in FP16_UnfusedOptimizer, whose initialize_optimizer_states runs one
+            # step on zero gradients: Adam's step count would start at 1 (a smaller first update than fp32 runs get)
+            # and, with decay on, the fp32 master weights would decay once at the full lr. Start from a clean state.
+            optimizer.state.clear()
+            for group in optimizer.param_groups:
+                group["weight_decay"] = self.cfg.weight_decay
         self.device = self.engine.device
         self.global_step = 0
 
@@ -171,6 +179,12 @@ class Learner:
         self._release_cached_memory()
         return {"sums": sums, "tokens": int(batch.response_lens.sum()), "lr": lr, "grad_norm": grad_norm,
                 "peak_mem_gb": peak}
+
+    def optimizer_steps(self) -> int:
+        """Adam's step count (the largest over parameters; 0 before the first update)."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        steps = [int(st["step"]) for st in inner.state.values() if "step" in st]
+        return max(steps, default=0)
 
     def _grad_norm(self) -> Optional[float]:
         """Pre-clipping global gradient norm. DeepSpeed records it for ZeRO 1-3 at step time; at
