@@ -126,8 +126,21 @@ def main() -> None:
                 # A fixed mmap threshold stops glibc from raising it dynamically after large frees, so freed
                 # tensors go back to the OS instead of staying in the heap and inflating ru_maxrss.
                 env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1]
-                res[impl] = json.loads(out)
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if proc.returncode != 0:  # e.g. the naive form out of memory: a result too, the other rows go on
+                    res[impl] = {"peak_bytes": None, "time_s": None,
+                                 "error": (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1][-300:]}
+                    continue
+                res[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+            if any("error" in r for r in res.values()):
+                row = {"name": name, "vocab": vocab, "tokens": args.tokens, "dtype": args.dtype,
+                       "chunk_tokens": args.chunk_tokens, **{f"{impl}_error": r["error"] for impl, r in res.items() if "error" in r},
+                       **{f"{impl}_peak_bytes": r["peak_bytes"] for impl, r in res.items()},
+                       **{f"{impl}_time_s": r["time_s"] for impl, r in res.items()}}
+                rows.append(row)
+                print(f"{name:>10} V={vocab:>6} N={args.tokens}: failed: "
+                      f"{ {k: v for k, v in row.items() if k.endswith('_error')} }", flush=True)
+                continue
             row = {
                 "name": name, "vocab": vocab, "tokens": args.tokens, "dtype": args.dtype, "chunk_tokens": args.chunk_tokens,
                 "logits_bytes": args.tokens * vocab * {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype],

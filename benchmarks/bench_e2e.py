@@ -444,7 +444,8 @@ def on_term(signum, frame) -> None:
 
 def run_child(system: str, spec: dict, parts_dir: str, python: str, timeout_s: float) -> dict:
     spec_path = os.path.join(parts_dir, "spec.json")
-    part_path = os.path.join(parts_dir, f"{system}.json")
+    kept_path = os.path.join(parts_dir, f"{system}.json")  # a good earlier part is only replaced by a good new one
+    part_path = kept_path + ".new"
     log_path = os.path.join(parts_dir, f"{system}.log")
     if os.path.exists(part_path):
         os.remove(part_path)
@@ -473,6 +474,16 @@ def run_child(system: str, spec: dict, parts_dir: str, python: str, timeout_s: f
                                            f"{timeout_s:.0f} s)", "log_tail": tail}
     part["wall_s_process"] = elapsed
     part["gpu_used_gb_before"] = gpu_used_before
+    if "error" not in part or not os.path.exists(kept_path):
+        with open(kept_path, "w") as f:  # (a failure is kept too, so a later --reuse report shows it failed)
+            json.dump(part, f, indent=2, default=str)
+    else:
+        with open(kept_path) as f:
+            if "error" in json.load(f):
+                with open(kept_path, "w") as g:
+                    json.dump(part, g, indent=2, default=str)
+    if os.path.exists(part_path):
+        os.remove(part_path)
     if "error" in part:
         print(f"[{system}] FAILED: {part['error']}\n{part.get('traceback', part.get('log_tail', ''))[-2000:]}", flush=True)
     else:
@@ -597,9 +608,8 @@ def main(argv=None) -> None:
             if os.path.exists(path) and name not in systems:
                 with open(path) as f:
                     part = json.load(f)
-                if "error" not in part:
-                    part["reused"] = True
-                    parts[name] = part
+                part["reused"] = True  # a failed one too: the report says it failed rather than leaving it out
+                parts[name] = part
     os.makedirs(args.out_dir, exist_ok=True)
     out = os.path.join(args.out_dir, f"e2e_{args.device}_{student_shape}-{teacher_shape}_v{vocab}.json")
     result = None
@@ -674,7 +684,7 @@ def merge_results(paths: list[str]) -> dict:
 def markdown_table(result: dict) -> tuple[list[str], list[list], list[str]]:
     baseline, speedups, c = result["baseline"], result["speedup_vs_baseline"], result["config"]
     header = ["system", "s/step (median)", "gen tok/s", "generate s", "score s", "train s", "sync s", "idle s",
-              "GPU util %", "util gen/score/train %", "GPU mem peak GiB", "start-up s", f"speed-up vs {baseline}"]
+              "GPU util %", "util gen/score/train %", "GPU mem peak GiB (measured steps)", "start-up s", f"speed-up vs {baseline}"]
     rows = []
     for n in SYSTEMS:
         p = result["systems"].get(n)
@@ -688,7 +698,7 @@ def markdown_table(result: dict) -> tuple[list[str], list[list], list[str]]:
         split = "/".join(f"{ub[k]:.0f}" if ub.get(k) is not None else "–" for k in ("generate", "score", "train"))
         rows.append([n + (" (reused)" if p.get("reused") else ""), s["step_s_median"], s["gen_tokens_per_s_median"],
                      ph.get("generate"), ph.get("score"), ph.get("train"), ph.get("sync"), ph.get("idle"),
-                     g.get("util_mean"), split if g.get("source") else None, g.get("mem_peak_gb"), p.get("startup_s"),
+                     g.get("util_mean"), split if g.get("source") else None, g.get("mem_peak_gb_measured_steps"), p.get("startup_s"),
                      speedups.get(n)])
     ok = {n: p for n, p in result["systems"].items() if "error" not in p}
     notes = [f"Student {c['student_shape']} ({c['student_params'] / 1e9:.2f}B) <- teacher {c['teacher_shape']} "
@@ -700,7 +710,7 @@ def markdown_table(result: dict) -> tuple[list[str], list[list], list[str]]:
              "Every response exactly max_new_tokens long (tokens_ok: " +
              ", ".join(f"{n}={p['summary']['tokens_ok']}" for n, p in ok.items()) + "); mean loss (GKD JSD for "
              "ours_gkd and TRL, same objective): " +
-             ", ".join(f"{n}={p['summary'].get('loss_mean', float('nan')):.4g}" for n, p in ok.items()) + "."]
+             ", ".join(f"{n}={fmt(p['summary'].get('loss_mean'), 4)}" for n, p in ok.items()) + "."]
     return header, rows, notes
 
 

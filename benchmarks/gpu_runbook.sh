@@ -14,12 +14,13 @@
 #    optional, if device time is left:
 # 5.     bash benchmarks/gpu_runbook.sh divergence teacher      (the existing benchmarks)       (<= 9 min)
 # 6.     bash benchmarks/gpu_runbook.sh rollout                                                 (<= 7 min)
-# 7.     bash benchmarks/gpu_runbook.sh e2e_128k  ours_gkd + trl_vllm at vocab 128256           (<= 9.4 min)
+# 7.     bash benchmarks/gpu_runbook.sh e2e_128k     ours_gkd at vocab 128256                    (<= 9.4 min)
+# 8.     bash benchmarks/gpu_runbook.sh e2e_128k_trl  trl_vllm at vocab 128256; writes its section (<= 9.4 min)
 # Before those, the correctness checks of the GPU paths (one call each; they gate issues 5, 6 and 8):
 #  a.    bash /tmp/parts/install.sh && bash benchmarks/gpu_runbook.sh preflight vllm_tests       (<= 9.5 min)
 #  b.    bash benchmarks/gpu_runbook.sh debug debug_export   single-GPU mode 20 steps, then its export in
 #        vLLM (<= 10 min; if debug_train takes over ~5 min, run debug_export in the next call, machine still warm)
-# Priority if time runs short: a, b, 2 (the comparison of the issue), 6, 5, 3, 4, 1, 7. A step can also name its
+# Priority if time runs short: a, b, 2 (the comparison of the issue), 6, 5, 3, 4, 1, 7, 8. A step can also name its
 # systems: `e2e:ours_gkd` or `e2e:trl_vllm` (one system per call if a call risks the 10 minutes). Every e2e
 # step passes --reuse, so $OUT/e2e_cuda_0.5b-1.5b_v32000.json holds everything measured so far with this
 # configuration in this warm session (parts in /tmp/bench_e2e). If the machine went cold between calls,
@@ -48,7 +49,7 @@ if [ "${RUNBOOK_SMOKE:-0}" = 1 ]; then
 else
   DEV=cuda; E2E=(--device cuda --shape 0.5b); MFU=(--device cuda --shape 1b --vocab 128256)
   SYS_A=ours_gkd,trl_vllm; SYS_B=trl_hf,ours_minillm_a0
-  DIV=(--device cuda); ROLL=(--device cuda --size 134m); TEACH=(--device cuda --size 134m)
+  DIV=(--device cuda --dtype bfloat16 --tokens 8192 --chunk-tokens 4096); ROLL=(--device cuda --size 134m); TEACH=(--device cuda --size 134m)
 fi
 E2E+=(--trl-python "$TRL_PY" --out-dir "$OUT")
 
@@ -151,11 +152,13 @@ for step in "$@"; do
     e2e_c)     run e2e_c 450 "$PY" benchmarks/bench_e2e.py "${E2E[@]}" --systems ours_minillm_a02 --reuse --system-timeout 420 --markdown "$MD" ;;
     e2e:*)     run "$step" 560 "$PY" benchmarks/bench_e2e.py "${E2E[@]}" --systems "${step#e2e:}" --reuse --system-timeout 520 --markdown '' ;;
     e2e_report) run e2e_report 120 "$PY" benchmarks/bench_e2e.py "${E2E[@]}" --systems none --reuse --markdown "$MD" ;;
-    e2e_128k)  run e2e_128k 560 "$PY" benchmarks/bench_e2e.py "${E2E[@]}" --vocab 128256 --systems "$SYS_A" --reuse --system-timeout 255 --markdown "$MD" ;;
+    # at 128k the full teacher distribution (2 GB a step for ours) makes one system close to 255 s: one each
+    e2e_128k)  run e2e_128k 560 "$PY" benchmarks/bench_e2e.py "${E2E[@]}" --vocab 128256 --systems ours_gkd --reuse --system-timeout 520 --markdown '' ;;
+    e2e_128k_trl) run e2e_128k_trl 560 "$PY" benchmarks/bench_e2e.py "${E2E[@]}" --vocab 128256 --systems trl_vllm --reuse --system-timeout 520 --markdown "$MD" ;;
     divergence) run divergence 240 "$PY" benchmarks/bench_divergence_memory.py "${DIV[@]}" --out "$OUT/divergence_memory_$DEV.json" ;;
     teacher)   run teacher 300 "$PY" benchmarks/bench_teacher_scoring.py "${TEACH[@]}" --out-dir "$OUT" ;;
     rollout)   run rollout 400 "$PY" benchmarks/bench_rollout.py "${ROLL[@]}"
                cp benchmarks/results/rollout_"$DEV"_*.json "$OUT/" 2>/dev/null || log "rollout: no JSON to copy" ;;
-    *) log "unknown step $step (preflight vllm_tests debug debug_export mfu e2e_a e2e_b e2e_c e2e:SYSTEMS e2e_report e2e_128k divergence teacher rollout)" ;;
+    *) log "unknown step $step (preflight vllm_tests debug debug_export mfu e2e_a e2e_b e2e_c e2e:SYSTEMS e2e_report e2e_128k e2e_128k_trl divergence teacher rollout)" ;;
   esac
 done
