@@ -115,6 +115,8 @@ def concat_scores(parts: list[TeacherScores], T: int | None = None) -> TeacherSc
     if not parts:
         raise ValueError("concat_scores needs at least one part.")
     T = max(p.max_response_len for p in parts) if T is None else T
+    if len(parts) == 1:  # no copy: full distributions are hundreds of MB a step
+        return parts[0].pad_to(T)
     parts = [p.pad_to(T) for p in parts]
     out = {}
     for f in fields(TeacherScores):
@@ -131,6 +133,8 @@ def scatter_rows(parts: list[TeacherScores], row_indices: list[torch.Tensor], nu
     order = torch.cat([torch.as_tensor(ix, dtype=torch.long) for ix in row_indices])
     if order.numel() != num_rows or not torch.equal(order.sort().values, torch.arange(num_rows)):
         raise ValueError(f"row_indices must be a partition of range({num_rows}), got {order.tolist()}.")
+    if torch.equal(order, torch.arange(num_rows)):  # parts already in row order (one replica): no copy
+        return merged
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(num_rows)
     return merged.index_rows(inverse)

@@ -99,3 +99,20 @@ def test_split_concat_scatter_roundtrip(ref):
     assert torch.equal(back.topk_ids, ref.topk_ids)
     short = TeacherScores(torch.ones(2, 3))
     assert concat_scores([short, TeacherScores(torch.ones(1, 5))]).token_logprobs.shape == (3, 5)
+    # in-order and single-part cases hand the tensors through without copying them (same storage)
+    same = scatter_rows([ref], [torch.arange(12)], 12, ref.max_response_len)
+    assert same.full_logprobs.data_ptr() == ref.full_logprobs.data_ptr()
+    assert concat_scores([ref]).full_logprobs.data_ptr() == ref.full_logprobs.data_ptr()
+    padded = concat_scores([short], T=5)
+    assert padded.token_logprobs.shape == (2, 5) and torch.equal(padded.token_logprobs[:, 3:], torch.zeros(2, 2))
+
+
+def test_select_scores_copies_only_what_it_must(ref):
+    from trainer.objective import select_scores
+
+    T = ref.max_response_len
+    assert select_scores(ref, list(range(12)), T) is ref
+    part = select_scores(ref, [3, 1], T - 1)
+    assert torch.equal(part.full_logprobs, ref.full_logprobs[[3, 1], :T - 1])
+    assert torch.equal(part.topk_ids, ref.topk_ids[[3, 1], :T - 1])
+    assert torch.equal(select_scores(ref, list(range(12)), T - 1).token_logprobs, ref.token_logprobs[:, :T - 1])

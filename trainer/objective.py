@@ -30,6 +30,8 @@ def select_scores(scores: Optional[TeacherScores], index: list[int], T: int) -> 
     if scores is None:
         return None
     idx = torch.as_tensor(index, dtype=torch.long)
+    if T == scores.max_response_len and torch.equal(idx, torch.arange(scores.num_rows)):
+        return scores  # every row in order (one learner rank, one micro-batch): no copy
 
     def pick(x):
         return None if x is None else x[idx, :T]
