@@ -206,8 +206,8 @@ def run_ours(spec: dict, system: str) -> dict:
     # fixed-length responses: no EOS id in the driver's sampling settings (see the module docstring)
     sampling = loop.sampling
     loop.sampling = lambda *a, **k: dataclasses.replace(sampling(*a, **k), eos_token_id=None)
-    loop.generate, loop.score, loop.train_on = (timed("generate", loop.generate), timed("score", loop.score),
-                                                timed("train", loop.train_on))
+    loop.generate, loop.score_for_update, loop.train_on = (
+        timed("generate", loop.generate), timed("score", loop.score_for_update), timed("train", loop.train_on))
     WeightSync.__call__ = timed("sync", WeightSync.__call__)
 
     sampler = GpuSampler(spec["sample_interval"]).start() if spec["device"] == "cuda" else GpuSampler()

@@ -50,6 +50,13 @@ class TeacherActor:
             torch.cuda.empty_cache()  # a shared GPU: the learner and the waking engine need what the activations held
         return scores
 
+    @ray.method(num_returns=2)
+    def score_split(self, *args) -> tuple[torch.Tensor, TeacherScores]:
+        """``score``, returned as two objects: the small (N, T) token log-probs for the caller, and the whole
+        result, whose ObjectRef the caller hands to another actor without fetching it."""
+        scores = self.score(*args)
+        return scores.token_logprobs, scores
+
     def vocab_info(self) -> dict:
         return self.info
 
@@ -181,6 +188,27 @@ class TeacherPool:
             args.append(a)
             refs.append(self.actors[j].score.remote(*a))
         return PendingScores(self, refs, row_indices, list(range(len(row_indices))), args, sequences.shape[0], T)
+
+    def score_handoff(self, sequences, prompt_lens, response_lens, topk: int = 0, return_full: bool = False,
+                      temperature: float = 1.0) -> tuple[torch.Tensor, ray.ObjectRef]:
+        """One replica only: (the (N, T) token log-probs, an ObjectRef of the whole ``TeacherScores``) for a caller
+        that passes the scores on to another actor (the learner) as an argument: they go from the teacher's
+        object store to that actor without passing through the caller (full distributions are hundreds of MB
+        a step). Returns once scoring is done; a dead replica is retried as in ``score``."""
+        from teacher.scoring import validate_lengths
+
+        if self.num_replicas != 1:
+            raise ValueError(f"score_handoff needs a single replica (rows of several would need merging), got {self.num_replicas}")
+        sequences, prompt_lens, response_lens = sequences.cpu(), prompt_lens.long().cpu(), response_lens.long().cpu()
+        validate_lengths(sequences, prompt_lens, response_lens)
+        L = int((prompt_lens + response_lens).max())
+        args = (ray.put(sequences[:, :L].contiguous()), prompt_lens, response_lens, topk, return_full, self.values_dtype, temperature)
+        small, whole = self.actors[0].score_split.remote(*args)
+        try:
+            return ray.get(small), whole
+        except _ACTOR_ERRORS as err:
+            scores = self._retry(0, args, err)
+            return scores.token_logprobs, ray.put(scores)
 
     def score(self, sequences, prompt_lens, response_lens, topk: int = 0, return_full: bool = False, temperature: float = 1.0) -> TeacherScores:
         """Blocking ``score_async(...).result()``: (N, T) token log-probs [+ (N, T, K) top-k, (N, T, V) full]."""

@@ -71,6 +71,28 @@ def test_dead_replica_is_restarted_and_request_retried(pool, batch_and_ref):
     torch.testing.assert_close(pending.result().token_logprobs, ref.token_logprobs, atol=ATOL, rtol=0)
 
 
+def test_score_handoff_leaves_the_scores_in_the_object_store(pool, teacher_path, batch_and_ref):
+    """One replica: token log-probs come back, the whole result stays an ObjectRef (for the learner to fetch);
+    both equal the direct log_softmax, and a replica that died before the call is restarted and retried."""
+    batch, ref = batch_and_ref
+    single = TeacherPool(teacher_path, num_replicas=1, num_cpus_per_replica=0, token_budget=64)
+    try:
+        token_lp, whole = single.score_handoff(*batch, topk=4, return_full=True)
+        assert isinstance(whole, ray.ObjectRef)
+        torch.testing.assert_close(token_lp, ref.token_logprobs, atol=ATOL, rtol=0)
+        out = ray.get(whole)
+        torch.testing.assert_close(out.full_logprobs, ref.full_logprobs, atol=ATOL, rtol=0)
+        assert torch.equal(out.topk_ids, ref.topk_ids)
+        ray.kill(single.actors[0], no_restart=False)
+        token_lp, whole = single.score_handoff(*batch)
+        torch.testing.assert_close(ray.get(whole).token_logprobs, ref.token_logprobs, atol=ATOL, rtol=0)
+        torch.testing.assert_close(token_lp, ref.token_logprobs, atol=ATOL, rtol=0)
+    finally:
+        single.shutdown()
+    with pytest.raises(ValueError, match="score_handoff needs a single replica"):
+        pool.score_handoff(*batch)
+
+
 def test_balance_rows_partitions_by_tokens():
     lens = torch.tensor([100, 1, 1, 50, 50, 2])
     groups = balance_rows(lens, 2)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import ray
+import torch
 
 from launch.config import RunConfig, resolve_path
 from launch.placement import create_placement, release
@@ -61,6 +62,16 @@ def score(teacher, batch: RolloutBatch, cfg: RunConfig) -> TeacherScores:
                          topk=cfg.teacher.topk, return_full=cfg.teacher.return_full)
 
 
+def score_for_update(teacher, batch: RolloutBatch, cfg: RunConfig, n_ranks: int) -> tuple[torch.Tensor, object]:
+    """(teacher token log-probs, the scores for `train_on`). With one teacher replica and one learner rank the
+    scores stay an ObjectRef that the learner fetches itself: the driver never holds or re-sends them."""
+    if n_ranks == 1 and getattr(teacher, "num_replicas", 0) == 1:
+        return teacher.score_handoff(batch.sequences, batch.prompt_lens, batch.response_lens,
+                                     topk=cfg.teacher.topk, return_full=cfg.teacher.return_full)
+    scores = score(teacher, batch, cfg)
+    return scores.token_logprobs, scores
+
+
 def generate_and_score(workers: list, prompts: list[list[int]], settings: SamplingSettings, teacher,
                        cfg: RunConfig) -> tuple[RolloutBatch, TeacherScores, float, float]:
     """Generate, and score each worker's shard as soon as that worker is done, so that scoring overlaps the
@@ -97,9 +108,12 @@ def overlaps_scoring(cfg: RunConfig, workers: list) -> bool:
     return cfg.teacher.overlap and len(workers) > 1 and not cfg.rollout.sleep_mode
 
 
-def train_on(learners: list, batch: RolloutBatch, scores: TeacherScores, pretrain: Optional[RolloutBatch]) -> dict:
-    """Shard rows over learner ranks (balanced by tokens) and run one update; returns merged metrics."""
+def train_on(learners: list, batch: RolloutBatch, scores, pretrain: Optional[RolloutBatch]) -> dict:
+    """Shard rows over learner ranks (balanced by tokens) and run one update; returns merged metrics.
+    scores: TeacherScores, or (one rank) an ObjectRef of them from `score_for_update`."""
     n_ranks = len(learners)
+    if isinstance(scores, ray.ObjectRef) and n_ranks != 1:
+        raise ValueError(f"train_on: scores as an ObjectRef are for one learner rank, got {n_ranks}")
     shards = balance_rows(batch.prompt_lens + batch.response_lens, n_ranks)
     global_tokens = int(batch.response_lens.sum())
     pt_shards = balance_rows(pretrain.prompt_lens + pretrain.response_lens, n_ranks) if pretrain is not None else [None] * n_ranks
@@ -108,7 +122,8 @@ def train_on(learners: list, batch: RolloutBatch, scores: TeacherScores, pretrai
     for rank, (rows, pt_rows) in enumerate(zip(shards, pt_shards)):
         rows = rows.tolist()
         shard = batch.select(rows) if rows else batch.select([])
-        shard_scores = select_scores(scores, rows, shard.max_response_len)
+        # one rank takes every row in order: a ref passes as it is (Ray resolves it in the learner)
+        shard_scores = scores if isinstance(scores, ray.ObjectRef) else select_scores(scores, rows, shard.max_response_len)
         pt = pretrain.select(pt_rows.tolist()) if pretrain is not None and len(pt_rows) else None
         refs.append(learners[rank].train_step.remote(shard, shard_scores, global_tokens, pt, pt_tokens))
     outs = ray.get(refs)
@@ -343,9 +358,11 @@ def _run(cfg: RunConfig, roles: Roles, tokenizer, data: Datasets, out_dir: Path,
 
         if scores is None:
             t0 = time.perf_counter()
-            scores = score(roles.teacher, batch, cfg)
+            teacher_logprobs, scores = score_for_update(roles.teacher, batch, cfg, len(roles.learners))
             timings["time/score"] = time.perf_counter() - t0
             gpu_stats.update(gpu.lap("score"))
+        else:
+            teacher_logprobs = scores.token_logprobs
 
         pretrain = None
         if pretrain_data is not None:
@@ -380,7 +397,7 @@ def _run(cfg: RunConfig, roles: Roles, tokenizer, data: Datasets, out_dir: Path,
         record.update({"time/step": step_time, "rollout/tokens": n_tokens, "rollout/source": source,
                        "rollout/response_len": float(batch.response_lens.float().mean()),
                        "throughput/tokens_per_s": n_tokens / step_time,
-                       "teacher/logprob": float((scores.token_logprobs * batch.response_mask()).sum() / max(n_tokens, 1))})
+                       "teacher/logprob": float((teacher_logprobs * batch.response_mask()).sum() / max(n_tokens, 1))})
         if cfg.trainer.eval_every and eval_data is not None and (step + 1) % cfg.trainer.eval_every == 0:
             record.update({f"eval/{k}": v for k, v in evaluate(cfg, roles, eval_data, tokenizer).items()})
         metrics_log.write(step + 1, record)
