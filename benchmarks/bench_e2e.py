@@ -474,14 +474,13 @@ def run_child(system: str, spec: dict, parts_dir: str, python: str, timeout_s: f
                                            f"{timeout_s:.0f} s)", "log_tail": tail}
     part["wall_s_process"] = elapsed
     part["gpu_used_gb_before"] = gpu_used_before
-    if "error" not in part or not os.path.exists(kept_path):
-        with open(kept_path, "w") as f:  # (a failure is kept too, so a later --reuse report shows it failed)
-            json.dump(part, f, indent=2, default=str)
-    else:
+    kept_is_good = False
+    if os.path.exists(kept_path):
         with open(kept_path) as f:
-            if "error" in json.load(f):
-                with open(kept_path, "w") as g:
-                    json.dump(part, g, indent=2, default=str)
+            kept_is_good = "error" not in json.load(f)
+    if "error" not in part or not kept_is_good:  # a failure is kept too: a later --reuse report shows it failed
+        with open(kept_path, "w") as f:
+            json.dump(part, f, indent=2, default=str)
     if os.path.exists(part_path):
         os.remove(part_path)
     if "error" in part:

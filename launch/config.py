@@ -172,13 +172,12 @@ class RolloutConfig:
         _in_range("rollout.mix_alpha", self.mix_alpha, 0.0, 1.0)
         _in_range("rollout.gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0, low_open=True)
         _in_range("rollout.teacher_gpu_memory_utilization", self.teacher_gpu_memory_utilization, 0.0, 1.0, low_open=True)
-        if self.backend == "vllm" and self.mix_alpha > 0 and \
-                self.gpu_memory_utilization + self.teacher_gpu_memory_utilization > 1.0:
+        engines = self.gpu_memory_utilization + (self.teacher_gpu_memory_utilization if self.mix_alpha > 0 else 0.0)
+        if self.backend == "vllm" and self.mix_alpha > 0 and engines > 1.0:
             # vLLM would fail at start-up, when the second engine finds too little free memory
             raise ConfigError(f"rollout.gpu_memory_utilization ({self.gpu_memory_utilization}) + "
                               f"rollout.teacher_gpu_memory_utilization ({self.teacher_gpu_memory_utilization}) > 1: "
                               "with mix_alpha > 0 the student and teacher engines share each rollout GPU; lower them")
-        engines = self.gpu_memory_utilization + (self.teacher_gpu_memory_utilization if self.mix_alpha > 0 else 0.0)
         if self.backend == "vllm" and self.num_gpus < 1 and engines > 0.7:
             warnings.warn(f"rollout: the vLLM engines take {engines:.0%} of a GPU they share with other roles "
                           f"(rollout.num_gpus={self.num_gpus}); the learner and teacher get the rest", stacklevel=2)

@@ -103,6 +103,10 @@ class HFRolloutBackend:
         lp = torch.log_softmax(logits, dim=-1).gather(-1, batch.response_tokens().to(logits.device)[..., None])[..., 0]
         return lp.masked_fill(~batch.response_mask().to(lp.device), 0.0).cpu()
 
+    def gpu_uuid(self) -> Optional[str]:
+        """The GPU the model is on; None on CPU."""
+        return str(torch.cuda.get_device_properties(self.device).uuid) if self.device.type == "cuda" else None
+
     def load_bucket(self, flat: torch.Tensor, metas: list[TensorMeta]) -> int:
         return load_bucket(self.model, flat, metas)
 

@@ -143,7 +143,6 @@ class VllmRolloutBackend:
         eos = eos[0] if isinstance(eos, (list, tuple)) else eos
         self.pad_token_id = pad if pad is not None else (eos or 0)
         self._asleep: set[str] = set()  # vLLM memory tags released by sleep() and not yet woken
-        self._teacher_asleep = False
 
     # ---- sampling -----------------------------------------------------------------------------
 
@@ -244,7 +243,7 @@ class VllmRolloutBackend:
         return n
 
     def gpu_uuid(self) -> str:
-        """The GPU of engine rank 0, asked of the engine process (this actor never touches CUDA itself)."""
+        """The GPU of engine rank 0, asked of the engine process: the rollout actor opens no CUDA context (~0.5 GB)."""
         return self.llm.collective_rpc("gpu_uuid")[0]
 
     def weights_checksum(self) -> float:
@@ -259,17 +258,17 @@ class VllmRolloutBackend:
         self.llm.sleep(level=level)
         if self.teacher is not None:
             self.teacher.sleep(level=min(level, 1))
-            self._teacher_asleep = True
         self._asleep = {"scheduling"} if level == 0 else {"weights", "kv_cache"}
 
     def wake_up(self, tags: Optional[list[str]] = None) -> None:
         """tags: None wakes everything; ["weights"] then ["kv_cache"] lets new weights load before the KV cache returns."""
+        was_asleep = bool(self._asleep)
         self.llm.wake_up(tags=tags)
         self._asleep = set() if tags is None else self._asleep - set(tags)
-        # no sync touches the teacher engine: it wakes whole, last, so the sync runs with the most free memory
-        if self.teacher is not None and self._teacher_asleep and not self._asleep:
+        # it slept with the student; no sync touches it, so it wakes whole once the student is whole again
+        # (last: the sync runs with the most free memory)
+        if self.teacher is not None and was_asleep and not self._asleep:
             self.teacher.wake_up()
-            self._teacher_asleep = False
 
     def _reset_prefix_cache(self) -> None:
         """Cached KV was computed by the old weights. (With the KV cache asleep, sleep() already dropped it.)"""

@@ -69,9 +69,7 @@ class RolloutWorker:
 
     def gpu_uuid(self) -> Optional[str]:
         """The GPU this worker samples on (the same-GPU path checks it is the learner's); None on CPU."""
-        if hasattr(self.backend, "gpu_uuid"):  # vllm: ask the engine, so this actor makes no CUDA context (~0.5 GB)
-            return self.backend.gpu_uuid()
-        return str(torch.cuda.get_device_properties(0).uuid) if torch.cuda.is_available() else None
+        return self.backend.gpu_uuid()
 
     def init_weight_update_group(self, backend: str, host: str, port: int, rank_offset: int, world_size: int) -> None:
         """Join the broadcast group whose rank 0 is the learner (`rollout.collective`; "nccl" on GPU,

@@ -64,6 +64,15 @@ class TeacherActor:
         return True
 
 
+def _checked_inputs(sequences, prompt_lens, response_lens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CPU tensors, validated here: row errors name the caller's row ids, before anything is sent."""
+    from teacher.scoring import validate_lengths
+
+    sequences, prompt_lens, response_lens = sequences.cpu(), prompt_lens.long().cpu(), response_lens.long().cpu()
+    validate_lengths(sequences, prompt_lens, response_lens)
+    return sequences, prompt_lens, response_lens
+
+
 def balance_rows(total_lens: torch.Tensor, num_parts: int) -> list[torch.Tensor]:
     """Partition row indices into ``num_parts`` groups with near-equal token sums.
 
@@ -173,18 +182,12 @@ class TeacherPool:
 
     def score_async(self, sequences, prompt_lens, response_lens, topk: int = 0, return_full: bool = False, temperature: float = 1.0) -> PendingScores:
         """Submit a batch (shapes as ``score_sequences``) and return at once; call ``.result()`` later."""
-        from teacher.scoring import validate_lengths
-
-        sequences, prompt_lens, response_lens = sequences.cpu(), prompt_lens.long().cpu(), response_lens.long().cpu()
-        validate_lengths(sequences, prompt_lens, response_lens)  # row errors here name the caller's row ids
+        sequences, prompt_lens, response_lens = _checked_inputs(sequences, prompt_lens, response_lens)
         T = int(response_lens.max())
-        total = prompt_lens + response_lens
-        row_indices = balance_rows(total, self.num_replicas)
+        row_indices = balance_rows(prompt_lens + response_lens, self.num_replicas)
         refs, args = [], []
         for j, rows in enumerate(row_indices):
-            L_j = int(total[rows].max())
-            # slice (rows and columns) before ray.put: only this replica's part is shipped
-            a = (ray.put(sequences[rows, :L_j].contiguous()), prompt_lens[rows], response_lens[rows], topk, return_full, self.values_dtype, temperature)
+            a = self._replica_args(sequences, prompt_lens, response_lens, rows, topk, return_full, temperature)
             args.append(a)
             refs.append(self.actors[j].score.remote(*a))
         return PendingScores(self, refs, row_indices, list(range(len(row_indices))), args, sequences.shape[0], T)
@@ -195,20 +198,25 @@ class TeacherPool:
         that passes the scores on to another actor (the learner) as an argument: they go from the teacher's
         object store to that actor without passing through the caller (full distributions are hundreds of MB
         a step). Returns once scoring is done; a dead replica is retried as in ``score``."""
-        from teacher.scoring import validate_lengths
-
         if self.num_replicas != 1:
             raise ValueError(f"score_handoff needs a single replica (rows of several would need merging), got {self.num_replicas}")
-        sequences, prompt_lens, response_lens = sequences.cpu(), prompt_lens.long().cpu(), response_lens.long().cpu()
-        validate_lengths(sequences, prompt_lens, response_lens)
-        L = int((prompt_lens + response_lens).max())
-        args = (ray.put(sequences[:, :L].contiguous()), prompt_lens, response_lens, topk, return_full, self.values_dtype, temperature)
+        sequences, prompt_lens, response_lens = _checked_inputs(sequences, prompt_lens, response_lens)
+        args = self._replica_args(sequences, prompt_lens, response_lens, torch.arange(len(prompt_lens)), topk,
+                                  return_full, temperature)
         small, whole = self.actors[0].score_split.remote(*args)
         try:
             return ray.get(small), whole
         except _ACTOR_ERRORS as err:
             scores = self._retry(0, args, err)
             return scores.token_logprobs, ray.put(scores)
+
+    def _replica_args(self, sequences, prompt_lens, response_lens, rows: torch.Tensor, topk: int, return_full: bool,
+                      temperature: float) -> tuple:
+        """`TeacherActor.score`'s arguments for rows `rows`, sliced (rows and columns) before ray.put: only
+        that replica's part is shipped."""
+        L = int((prompt_lens[rows] + response_lens[rows]).max())
+        return (ray.put(sequences[rows, :L].contiguous()), prompt_lens[rows], response_lens[rows], topk, return_full,
+                self.values_dtype, temperature)
 
     def score(self, sequences, prompt_lens, response_lens, topk: int = 0, return_full: bool = False, temperature: float = 1.0) -> TeacherScores:
         """Blocking ``score_async(...).result()``: (N, T) token log-probs [+ (N, T, K) top-k, (N, T, V) full]."""

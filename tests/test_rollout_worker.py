@@ -78,6 +78,10 @@ def test_actor_tokens_and_logprobs_equal_a_direct_forward(worker, paths):
     torch.testing.assert_close(ray.get(worker.logprobs.remote(batch)), ref, atol=5e-5, rtol=0)  # float32 rollout vs float64 reference
 
 
+def test_cpu_worker_reports_no_gpu(worker):
+    assert ray.get(worker.gpu_uuid.remote()) is None  # the weight sync then never picks a GPU path
+
+
 def test_actor_mixed_sampling_returns_raw_student_logprobs(worker, paths):
     settings = SamplingSettings(max_new_tokens=8, n=2, seed=1, eos_token_id=EOS, mix_alpha=0.3)
     batch = ray.get(worker.generate.remote(PROMPTS, settings))
