@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import os
 import types
 import typing
@@ -379,6 +380,29 @@ class ClusterConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Where metrics go besides `metrics.jsonl` and TensorBoard (always written to `output_dir`).
+
+    wandb_project (str, *optional*): Weights & Biases project; None (default) = W&B off. Needs
+        `pip install -e ".[wandb]"` and `wandb login` (or WANDB_API_KEY) unless `wandb_mode` is offline.
+    wandb_entity (str, *optional*): W&B team or user (None = the login's default).
+    wandb_run_name (str, *optional*): display name (None = the name of `output_dir`).
+    wandb_mode (str, *optional*, defaults to "online"): "online" or "offline" (written under
+        `output_dir/wandb`, uploaded later with `wandb sync`).
+    """
+
+    wandb_project: Optional[str] = None
+    wandb_entity: Optional[str] = None
+    wandb_run_name: Optional[str] = None
+    wandb_mode: Literal["online", "offline"] = "online"
+
+    def validate(self) -> None:
+        if self.wandb_project is not None and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("logging.wandb_project is set but wandb is not installed: pip install -e \".[wandb]\" "
+                              "(or unset logging.wandb_project)")
+
+
+@dataclass
 class RunConfig:
     """A whole run. `output_dir` receives logs, checkpoints and the exported model (`final/`)."""
 
@@ -391,6 +415,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):

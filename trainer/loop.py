@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +31,7 @@ from trainer.gpu_monitor import GpuMonitor
 from trainer.objective import select_scores
 from trainer.roles import Roles, check_paths, load_tokenizers, start_learners, start_rollout, start_teacher
 from trainer.sync import WeightSync
+from trainer.tracking import MetricsLog, finish_wandb, start_wandb
 
 log = logging.getLogger("minillm")
 EVAL_SAMPLES_PER_PROMPT = 4
@@ -147,31 +149,6 @@ def evaluate(cfg: RunConfig, roles: Roles, eval_data: PromptData, tokenizer) -> 
     return reverse_kl_estimate(batch, score(roles.teacher, batch, cfg))
 
 
-class MetricsLog:
-    """metrics.jsonl (one JSON line per step) + TensorBoard scalars, namespaced (loss/, time/, ...)."""
-
-    def __init__(self, out_dir: Path, resume_step: int = 0):
-        from torch.utils.tensorboard import SummaryWriter
-        self.path = out_dir / "metrics.jsonl"
-        if resume_step == 0 and self.path.exists():
-            self.path.unlink()
-        elif self.path.exists():  # drop lines past the checkpoint we resume from
-            lines = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in lines))
-        self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)):
-                self.tb.add_scalar(k, v, step)
-        self.tb.flush()
-
-    def close(self) -> None:
-        self.tb.close()
-
-
 def save_checkpoint(cfg: RunConfig, roles: Roles, out_dir: Path, step: int, state: dict, tokenizer, student_config) -> Path:
     ckpt_dir = out_dir / "checkpoints"
     tmp = ckpt.begin(ckpt_dir, step)
@@ -250,11 +227,29 @@ def train(cfg: RunConfig, hooks: Optional[Hooks] = None) -> dict:
     data = load_data(cfg, tokenizer)
 
     out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     resume_from = find_resume(cfg, out_dir)
     student_config = AutoConfig.from_pretrained(resolve_path(cfg.model.student))
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        wandb_run = start_wandb(cfg, out_dir, resuming=resume_from is not None)
+    except Exception:
+        if created:  # a login problem leaves no run folder behind
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    failed = True
+    try:
+        summary = _start_and_run(cfg, tokenizer, data, out_dir, resume_from, student_config, hooks, wandb_run)
+        failed = False
+        return summary
+    finally:
+        finish_wandb(wandb_run, failed)
 
+
+def _start_and_run(cfg: RunConfig, tokenizer, data: Datasets, out_dir: Path, resume_from: Optional[Path],
+                   student_config, hooks: Hooks, wandb_run) -> dict:
+    """Start the roles, run the loop, and always release what was started."""
     if not ray.is_initialized():
         # joining a cluster (address set) takes its resources as they are; a local one gets cluster.num_cpus
         local = cfg.cluster.address is None
@@ -280,7 +275,7 @@ def train(cfg: RunConfig, hooks: Optional[Hooks] = None) -> dict:
         roles.sync = WeightSync(cfg, learners, roles.rollout)
         if hooks.on_start is not None:
             hooks.on_start(roles)
-        return _run(cfg, roles, tokenizer, data, out_dir, resume_from, student_config, hooks)
+        return _run(cfg, roles, tokenizer, data, out_dir, resume_from, student_config, hooks, wandb_run)
     finally:
         if roles is not None and hasattr(roles.teacher, "shutdown"):
             roles.teacher.shutdown()
@@ -290,7 +285,7 @@ def train(cfg: RunConfig, hooks: Optional[Hooks] = None) -> dict:
 
 
 def _run(cfg: RunConfig, roles: Roles, tokenizer, data: Datasets, out_dir: Path, resume_from: Optional[Path],
-         student_config, hooks: Hooks) -> dict:
+         student_config, hooks: Hooks, wandb_run=None) -> dict:
     from tqdm import tqdm
 
     train_data, eval_data, pretrain_data = data.train, data.eval, data.pretrain
@@ -305,7 +300,7 @@ def _run(cfg: RunConfig, roles: Roles, tokenizer, data: Datasets, out_dir: Path,
         if pretrain_data is not None:
             pretrain_data.load_state_dict(state["pretrain_data"])
         log.warning("resumed from %s at step %d", resume_from, start_step)
-    metrics_log = MetricsLog(out_dir, resume_step=start_step)
+    metrics_log = MetricsLog(out_dir, resume_step=start_step, wandb_run=wandb_run)
 
     def run_state(step: int, history: list) -> dict:
         """The driver's part of a checkpoint (the learners write theirs)."""
@@ -437,5 +432,6 @@ def _run(cfg: RunConfig, roles: Roles, tokenizer, data: Datasets, out_dir: Path,
     export_checkpoint(final_ckpt, final_dir, overwrite=True)
     summary["model_dir"] = str(final_dir)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    metrics_log.write_summary(summary)
     print(f"student written to {final_dir}")
     return summary
