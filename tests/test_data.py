@@ -60,3 +60,60 @@ def test_prompt_too_long_is_an_error_not_a_truncation(tok):
         PromptData(rows, tok, DataConfig(max_prompt_len=16), "data.prompts")
     data = PromptData(rows[:1], tok, DataConfig(), "data.prompts")
     assert data.prompts == [tok("the red fox")["input_ids"]] and data.responses == [None]
+
+
+# a chat template in the tiny vocabulary: "alice" opens a user turn, "bob" an assistant turn
+CHAT = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}alice {% else %}bob {% endif %}"
+        "{{ m['content'] }} . {% endfor %}{% if add_generation_prompt %}bob{% endif %}")
+
+
+@pytest.fixture
+def chat_tok():
+    t = AutoTokenizer.from_pretrained(TOKENIZER)
+    t.chat_template = CHAT
+    return t
+
+
+def _ids(tok, words: str) -> list[int]:
+    """Word-level ids by vocabulary lookup (independent of the template engine and the tokenizer's call)."""
+    return tok.convert_tokens_to_ids(words.split())
+
+
+@pytest.mark.parametrize("row, cfg", [
+    ({"prompt": "the red fox", "response": "the cat eats"}, {}),  # plain text through the template
+    ({"messages": [{"role": "user", "content": "the red fox"}, {"role": "assistant", "content": "the cat eats"}]},
+     {"prompt_key": "messages"}),  # TRL's `messages` column: the last assistant turn is the response
+    ({"prompt": [{"role": "user", "content": "the red fox"}], "completion": [{"role": "assistant", "content": "the cat eats"}]},
+     {"response_key": "completion"}),  # TRL's conversational prompt/completion
+])
+def test_chat_rows_give_the_templated_prompt_without_the_reply(chat_tok, row, cfg):
+    data = PromptData([row], chat_tok, DataConfig(chat_template=True, **cfg), "data.prompts")
+    assert data.prompts == [[chat_tok.bos_token_id] + _ids(chat_tok, "alice the red fox . bob")]
+    assert data.responses == [_ids(chat_tok, "the cat eats") + [chat_tok.eos_token_id]]
+
+
+def test_a_multi_turn_conversation_keeps_earlier_replies_in_the_prompt(chat_tok):
+    msgs = [{"role": "user", "content": "the red fox"}, {"role": "assistant", "content": "the cat"},
+            {"role": "user", "content": "the dog"}, {"role": "assistant", "content": "the bird eats"}]
+    data = PromptData([{"messages": msgs}], chat_tok, DataConfig(chat_template=True, prompt_key="messages"), "e")
+    assert data.prompts == [[chat_tok.bos_token_id] + _ids(chat_tok, "alice the red fox . bob the cat . alice the dog . bob")]
+    assert data.responses == [_ids(chat_tok, "the bird eats") + [chat_tok.eos_token_id]]
+
+
+def test_bad_chat_rows_fail_early_with_the_row(chat_tok, tok):
+    reply = {"role": "assistant", "content": "the cat"}
+    user = {"role": "user", "content": "the red fox"}
+    cases = [
+        ({"prompt": [user, reply], "response": "the dog"}, {}, "row 0: 'prompt' ends with an assistant reply and 'response' is set too"),
+        ({"prompt": [reply]}, {}, "row 0: 'prompt' holds only an assistant reply"),
+        ({"prompt": [user], "response": [reply, reply]}, {}, "'response' as messages must be one assistant message"),
+        ({"prompt": [user], "response": [user]}, {}, "'response' as messages must be one assistant message"),
+        ({"prompt": "the red fox", "response": 3}, {}, "row 0: the response must be text, got int"),
+    ]
+    for row, cfg, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            PromptData([row], chat_tok, DataConfig(chat_template=True, **cfg), "data.prompts")
+    with pytest.raises(ConfigError, match="prompt must be a string .*chat_template=true"):
+        PromptData([{"prompt": [user]}], chat_tok, DataConfig(), "data.prompts")
+    with pytest.raises(ConfigError, match="the tokenizer has no chat template"):
+        PromptData([{"prompt": [user]}], tok, DataConfig(chat_template=True), "data.prompts")

@@ -79,12 +79,12 @@ class PromptData(SeededOrder):
             if cfg.prompt_key not in row:
                 raise ConfigError(f"{source} row {i} has no field {cfg.prompt_key!r} (data.prompt_key); "
                                   f"fields: {', '.join(row)}")
-            ids = encode_prompt(tokenizer, row[cfg.prompt_key], cfg.chat_template)
+            prompt, resp = prompt_and_response(row, cfg, f"{source} row {i}")
+            ids = encode_prompt(tokenizer, prompt, cfg.chat_template)
             if len(ids) > cfg.max_prompt_len:
                 raise ConfigError(f"{source} row {i}: prompt of {len(ids)} tokens exceeds data.max_prompt_len="
                                   f"{cfg.max_prompt_len}; raise it or shorten the prompt")
             self.prompts.append(ids)
-            resp = row.get(cfg.response_key)
             self.responses.append(None if resp is None else
                                   tokenizer(resp, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
         super().__init__(len(self.prompts), seed)
@@ -118,13 +118,39 @@ class PretrainData(SeededOrder):
         return RolloutBatch.from_lists([w[:1] for w in wins], [w[1:] for w in wins], pad_token_id, source="dataset")
 
 
+def prompt_and_response(row: dict, cfg: DataConfig, where: str) -> tuple:
+    """A row's prompt (text or chat messages) and response text (None when it has none).
+
+    Besides plain text, the conversational forms of TRL datasets are read: the prompt field holding
+    messages that end with the assistant's reply (a `messages` column: the reply is the response, the
+    turns before it the prompt), and the response field holding `[{"role": "assistant", "content": ...}]`
+    (prompt/completion). Either way the prompt never contains the reply, for training and evaluation.
+    """
+    prompt, resp = row[cfg.prompt_key], row.get(cfg.response_key)
+    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict) and prompt[-1].get("role") == "assistant":
+        if resp is not None:
+            raise ConfigError(f"{where}: {cfg.prompt_key!r} ends with an assistant reply and {cfg.response_key!r} is "
+                              f"set too; give the reply in one of them")
+        prompt, resp = prompt[:-1], prompt[-1].get("content")
+        if not prompt:
+            raise ConfigError(f"{where}: {cfg.prompt_key!r} holds only an assistant reply, no prompt before it")
+    elif isinstance(resp, list):
+        if len(resp) != 1 or not isinstance(resp[0], dict) or resp[0].get("role") != "assistant":
+            raise ConfigError(f"{where}: {cfg.response_key!r} as messages must be one assistant message, got {resp!r}")
+        resp = resp[0].get("content")
+    if resp is not None and not isinstance(resp, str):
+        raise ConfigError(f"{where}: the response must be text, got {type(resp).__name__}")
+    return prompt, resp
+
+
 def encode_prompt(tokenizer, prompt, chat_template: bool) -> list[int]:
     if chat_template:
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         if tokenizer.chat_template is None:
             raise ConfigError("data.chat_template=true but the tokenizer has no chat template")
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        # return_dict: transformers 5 returns a BatchEncoding here by default, 4.x a plain list
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"])
     if not isinstance(prompt, str):
         raise ConfigError(f"prompt must be a string (or chat messages with data.chat_template=true), got {type(prompt).__name__}")
     return tokenizer(prompt)["input_ids"]
