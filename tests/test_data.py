@@ -117,3 +117,58 @@ def test_bad_chat_rows_fail_early_with_the_row(chat_tok, tok):
         PromptData([{"prompt": [user]}], chat_tok, DataConfig(), "data.prompts")
     with pytest.raises(ConfigError, match="the tokenizer has no chat template"):
         PromptData([{"prompt": [user]}], tok, DataConfig(chat_template=True), "data.prompts")
+
+
+ROWS = [{"prompt": "the red fox", "response": "the cat eats"}, {"prompt": "alice has", "response": None},
+        {"prompt": "count one two", "response": "three"}]
+
+
+def test_jsonl_parquet_and_datasets_sources_give_the_same_rows(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from trainer.data import read_records
+
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS) + "\n")  # a blank last line is fine
+    pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "p.parquet")
+    folder = tmp_path / "hf_folder"  # a dataset folder as `datasets.load_dataset` reads it (no network)
+    folder.mkdir()
+    (folder / "test.jsonl").write_text((tmp_path / "p.jsonl").read_text())
+    assert read_records(str(tmp_path / "p.jsonl")) == ROWS
+    assert read_records(str(tmp_path / "p.parquet")) == ROWS
+    assert read_records(f"hf:{folder}:test") == ROWS
+
+
+def test_bad_data_sources_fail_early_naming_the_fix(tmp_path, tok):
+    from trainer.data import read_records
+
+    with pytest.raises(ConfigError, match="not found"):
+        read_records(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "p.csv").write_text("prompt\nthe red fox\n")
+    with pytest.raises(ConfigError, match=r"expected \.jsonl or \.parquet, or hf:NAME\[:SPLIT\]"):
+        read_records(str(tmp_path / "p.csv"))
+    with pytest.raises(ConfigError, match="could not be loaded .*hf:NAME"):
+        read_records(f"hf:{tmp_path / 'no_such_dataset'}")
+    with pytest.raises(ConfigError, match="data.prompts: no rows"):
+        PromptData([], tok, DataConfig(), "data.prompts")
+    with pytest.raises(ConfigError, match="row 1 has no field 'prompt' .*fields: text"):
+        PromptData([{"prompt": "the"}, {"text": "the"}], tok, DataConfig(), "data.prompts")
+
+
+def test_off_policy_gkd_without_responses_fails_before_any_actor(tmp_path):
+    import json
+
+    from launch.config import load_config
+    from trainer.loop import load_data
+    from trainer.roles import load_tokenizers
+
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    cfg = load_config("gkd_cpu", [f"data.prompts={tmp_path / 'p.jsonl'}", "objective.lam=0.5"])
+    with pytest.raises(ValueError, match=r"objective.lam=0.5 < 1 uses the dataset's responses.*data.response_key"):
+        load_data(cfg, load_tokenizers(cfg))
+    # on-policy only (λ = 1) or sequence-level KD (teacher samples) needs no responses
+    for extra in (["objective.lam=1.0"], ["objective.lam=0.5", "objective.seq_kd=true"]):
+        cfg = load_config("gkd_cpu", [f"data.prompts={tmp_path / 'p.jsonl'}", *extra])
+        assert len(load_data(cfg, load_tokenizers(cfg)).train.prompts) == 3

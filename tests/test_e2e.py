@@ -24,7 +24,8 @@ def test_cli_train_runs_and_exports_a_loadable_model(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "launch.cli", "train", "--no-progress", f"output_dir={run}", *FAST],
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "train", "--no-progress", f"output_dir={run}", *FAST,
+                           "trainer.eval_every=2"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out reverse KL before training" in proc.stdout and "after training" in proc.stdout
@@ -35,6 +36,9 @@ def test_cli_train_runs_and_exports_a_loadable_model(tmp_path):
         assert math.isfinite(r["loss/loss"]) and r["rollout/tokens"] > 0 and r["throughput/tokens_per_s"] > 0
         assert {"time/generate", "time/score", "time/train", "time/sync"} <= set(r)
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    # trainer.eval_every=2: the held-out estimate at step 2 only, between the ones before and after training
+    assert [r["step"] for r in rows if "eval/reverse_kl" in r] == [2]
+    assert math.isfinite(rows[1]["eval/reverse_kl"]) and rows[1]["eval/reverse_kl_stderr"] >= 0
 
     summary = json.loads((run / "summary.json").read_text())
     assert math.isfinite(summary["eval_before"]["reverse_kl"]) and math.isfinite(summary["eval_after"]["reverse_kl"])

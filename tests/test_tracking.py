@@ -91,8 +91,7 @@ def test_online_wandb_without_login_fails_before_any_actor_and_leaves_no_run_fol
 
 
 @pytest.mark.slow
-def test_offline_wandb_run_holds_the_metrics_and_continues_after_resume(monkeypatch, tmp_path):
-    _no_wandb_login(monkeypatch, tmp_path)  # offline needs no login
+def test_offline_wandb_run_holds_the_metrics_and_continues_after_resume(tmp_path):
     out = tmp_path / "run"
     overrides = FAST + ["trainer.steps=3", "checkpoint.every=2", f"output_dir={out}", "logging.wandb_project=distill",
                         "logging.wandb_mode=offline", "trainer.lr=3e-4"]

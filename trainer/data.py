@@ -13,12 +13,13 @@ from rollout.types import RolloutBatch
 def read_records(spec: str) -> list[dict]:
     """Rows of a `.jsonl`/`.parquet` file, or of `hf:NAME[:SPLIT]` (from the local datasets cache)."""
     if spec.startswith("hf:"):
-        try:
-            import datasets
-        except ImportError as e:
-            raise ConfigError(f"data source {spec!r} needs the `datasets` package: pip install datasets") from e
+        import datasets
         name, _, split = spec[3:].partition(":")
-        return list(datasets.load_dataset(name, split=split or "train"))
+        try:
+            return list(datasets.load_dataset(name, split=split or "train"))
+        except Exception as e:  # not cached / no such split / offline: datasets' own message says which
+            raise ConfigError(f"data source {spec!r} could not be loaded ({type(e).__name__}: {e}); give a dataset "
+                              f"name or folder that datasets can load here, as hf:NAME[:SPLIT]") from e
     path = Path(resolve_path(spec))
     if not path.exists():
         raise ConfigError(f"data file {spec!r} not found (resolved to {path})")
