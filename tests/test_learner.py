@@ -164,3 +164,68 @@ def test_bf16_learner_starts_with_a_fresh_adam_state(roles):
         for lr in learner:
             ray.kill(lr)
         release(placement)
+
+
+def _start(overrides):
+    cfg = load_config(None, ["trainer.num_cpus=1", "rollout.num_cpus=1", "teacher.backend=http", "teacher.url=x",
+                             "teacher.return_full=false", *overrides])
+    placement = create_placement(cfg)
+    return start_learners(cfg, placement["learner"]), placement
+
+
+@pytest.mark.slow
+def test_learner_options_leave_the_first_update_unchanged(roles):
+    """Gradient checkpointing, ZeRO-2 and ZeRO-2 with the optimizer offloaded to CPU (DeepSpeed's CPU Adam) are
+    memory options: one update on the same batch must give the weights of the plain ZeRO-0 fp32 learner."""
+    cfg, _, workers, teacher = roles
+    batch = generate(workers, _prompts(), SamplingSettings(max_new_tokens=6, eos_token_id=2, seed=5))
+    scores = score(teacher, batch, cfg)
+    common = ["trainer.lr=1e-3", "trainer.weight_decay=0.1", "trainer.warmup_steps=0"]
+    variants = {"reference": [], "gradient_checkpointing": ["trainer.gradient_checkpointing=true"],
+                "zero2": ["trainer.zero_stage=2"], "zero2_cpu_offload": ["trainer.zero_stage=2", "trainer.cpu_offload=true"]}
+    weights, start = {}, None
+    for name, extra in variants.items():
+        learner, placement = _start(common + extra)
+        try:
+            if name == "gradient_checkpointing":  # the option reached the model
+                assert ray.get(learner[0].__ray_call__.remote(lambda self: self.model.is_gradient_checkpointing))
+            if start is None:
+                start = ray.get(learner[0].state_dict_cpu.remote())
+            train_on(learner, batch, scores, None)
+            weights[name] = ray.get(learner[0].state_dict_cpu.remote())
+        finally:
+            ray.kill(learner[0])
+            release(placement)
+    ref = weights["reference"]
+    moved = max(float((ref[k] - start[k]).abs().max()) for k in ref)
+    assert moved > 5e-4  # Adam's first step moves weights by about lr
+    for name, w in weights.items():
+        for k in ref:
+            torch.testing.assert_close(w[k], ref[k], rtol=0, atol=2e-6, msg=f"{name}: {k}")
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_learning_rate_follows_the_schedule_with_warmup(roles, schedule):
+    """The rate each update uses, against the closed forms: linear warm-up over `warmup_steps` updates from 0,
+    then constant, linear decay to 0, or half a cosine to 0, at the end of `steps` × `ppo_epochs` updates."""
+    import math
+
+    cfg, _, workers, teacher = roles
+    lr, steps, warmup = 1e-3, 5, 2
+    batch = generate(workers, _prompts(), SamplingSettings(max_new_tokens=3, eos_token_id=2, seed=9))
+    scores = score(teacher, batch, cfg)
+    learner, placement = _start([f"trainer.lr={lr}", f"trainer.steps={steps}", f"trainer.warmup_steps={warmup}",
+                                 f"trainer.lr_schedule={schedule}"])
+    try:
+        used = [train_on(learner, batch, scores, None)["lr"] for _ in range(steps)]
+    finally:
+        ray.kill(learner[0])
+        release(placement)
+
+    def expected(s):
+        if s < warmup:
+            return lr * s / warmup
+        progress = (s - warmup) / (steps - warmup)
+        return lr * {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}[schedule]
+
+    assert used == pytest.approx([expected(s) for s in range(steps)], rel=1e-9, abs=1e-15)
