@@ -243,7 +243,8 @@ class ObjectiveConfig:
     beta (float, *optional*, defaults to 0.5): JSD(β) interpolation.
     skew_alpha (float, *optional*, defaults to 0.1): DistiLLM skew α.
     akl_mu (float, *optional*, defaults to 0.5): AKL head/tail cumulative-probability split μ.
-    temperature (float, *optional*, defaults to 1.0): divergence temperature.
+    temperature (float, *optional*, defaults to 1.0): divergence temperature τ: both distributions at τ
+        (not for minillm). Full teacher log-probs are re-tempered in the loss; top-k ones are scored at τ.
     clip_eps (float, *optional*, defaults to 0.2): PPO ratio clipping ε (MiniLLM).
     ppo_epochs (int, *optional*, defaults to 1): inner epochs over one rollout.
     length_norm (bool, *optional*, defaults to True): MiniLLM length normalisation.
@@ -428,6 +429,9 @@ class RunConfig:
             # another policy, and the rollout's log q (raw) would not be the sampler's probabilities
             raise ConfigError(f"objective.name=minillm samples from the student itself: rollout.temperature must "
                               f"be 1.0, top_p 1.0 and top_k 0 (got {r.temperature}, {r.top_p}, {r.top_k})")
+        if self.objective.name == "minillm" and self.objective.temperature != 1.0:
+            raise ConfigError("objective.temperature is the divergence objectives' temperature; MiniLLM's policy gradient "
+                              "is over the untempered student: leave objective.temperature=1.0 for objective.name=minillm")
         if self.rollout.mix_alpha > 0 and self.objective.name != "minillm":
             raise ConfigError("rollout.mix_alpha (teacher-mixed sampling) is for objective.name=minillm")
         if self.objective.pt_weight > 0 and not self.data.pretrain:
@@ -439,6 +443,10 @@ class RunConfig:
         if r.weight_sync == "cuda_ipc" and (r.backend != "vllm" or r.tensor_parallel_size != 1 or self.trainer.num_ranks != 1):
             raise ConfigError("rollout.weight_sync=cuda_ipc is for vLLM workers without tensor parallelism on the GPU "
                               "of a single learner rank; use weight_sync=broadcast (or auto)")
+        if (self.teacher.backend == "vllm_server" and self.objective.name != "minillm" and self.objective.temperature != 1.0):
+            raise ConfigError("objective.temperature != 1 needs the teacher's top-k log-probs at that temperature; "
+                              "vLLM's prompt_logprobs come from raw logits: use teacher.backend=ray or http, or "
+                              "objective.temperature=1.0")
         if self.teacher.backend != "ray" and self.teacher.return_full:
             raise ConfigError(f"teacher.return_full is only served by teacher.backend=ray; "
                               f"set teacher.return_full=false and teacher.topk>0 for {self.teacher.backend!r}")

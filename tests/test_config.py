@@ -57,6 +57,13 @@ def test_cross_field_rules():
         with pytest.raises(ConfigError, match="minillm samples from the student itself"):
             load_config(None, [sampler])
         load_config(None, ["objective.name=gkd", sampler])  # a divergence objective takes any sampler
+    with pytest.raises(ConfigError, match="leave objective.temperature=1.0 for objective.name=minillm"):
+        load_config(None, ["objective.temperature=2"])
+    with pytest.raises(ConfigError, match="prompt_logprobs come from raw logits"):
+        load_config(None, ["objective.name=gkd", "objective.temperature=2", "teacher.backend=vllm_server",
+                           "teacher.url=http://x", "teacher.return_full=false", "teacher.topk=20"])
+    load_config(None, ["objective.name=gkd", "objective.temperature=2", "teacher.backend=http", "teacher.url=http://x",
+                       "teacher.return_full=false", "teacher.topk=20"])  # a scorer of ours tempers its top-k
     with pytest.raises(ConfigError, match="data.pretrain_max_len must be >= 2"):
         load_config(None, ["data.pretrain_max_len=1"])
     with pytest.raises(ConfigError, match="sleep_mode is a vLLM feature"):

@@ -59,18 +59,27 @@ def generate(workers: list, prompts: list[list[int]], settings: SamplingSettings
     return RolloutBatch.concat(ray.get(submit_generate(workers, prompts, settings)))
 
 
-def score(teacher, batch: RolloutBatch, cfg: RunConfig) -> TeacherScores:
+def scoring_temperature(cfg: RunConfig) -> float:
+    """The temperature the teacher scores training batches at. A divergence at objective.temperature τ compares
+    the teacher and student distributions at τ: full teacher log-probs are re-tempered exactly in the loss
+    (softmax(log p / τ)), top-k ones cannot be (the tail's partition is unknown), so the teacher computes those
+    at τ. MiniLLM's rewards are at τ = 1 (it samples and scores the untempered student)."""
+    o = cfg.objective
+    return o.temperature if o.name != "minillm" and not cfg.teacher.return_full else 1.0
+
+
+def score(teacher, batch: RolloutBatch, cfg: RunConfig, temperature: float = 1.0) -> TeacherScores:
     return teacher.score(batch.sequences, batch.prompt_lens, batch.response_lens,
-                         topk=cfg.teacher.topk, return_full=cfg.teacher.return_full)
+                         topk=cfg.teacher.topk, return_full=cfg.teacher.return_full, temperature=temperature)
 
 
 def score_for_update(teacher, batch: RolloutBatch, cfg: RunConfig, n_ranks: int) -> tuple[torch.Tensor, object]:
     """(teacher token log-probs, the scores for `train_on`). With one teacher replica and one learner rank the
     scores stay an ObjectRef that the learner fetches itself: the driver never holds or re-sends them."""
     if n_ranks == 1 and getattr(teacher, "num_replicas", 0) == 1:
-        return teacher.score_handoff(batch.sequences, batch.prompt_lens, batch.response_lens,
-                                     topk=cfg.teacher.topk, return_full=cfg.teacher.return_full)
-    scores = score(teacher, batch, cfg)
+        return teacher.score_handoff(batch.sequences, batch.prompt_lens, batch.response_lens, topk=cfg.teacher.topk,
+                                     return_full=cfg.teacher.return_full, temperature=scoring_temperature(cfg))
+    scores = score(teacher, batch, cfg, scoring_temperature(cfg))
     return scores.token_logprobs, scores
 
 
@@ -92,7 +101,7 @@ def generate_and_score(workers: list, prompts: list[list[int]], settings: Sampli
             ready, pending = ray.wait(pending, num_returns=1)
             i = position[ready[0]]
             shards[i] = ray.get(ready[0])
-            futures[i] = pool.submit(score, teacher, shards[i], cfg)
+            futures[i] = pool.submit(score, teacher, shards[i], cfg, scoring_temperature(cfg))
         generate_s = time.perf_counter() - t0
         batch = RolloutBatch.concat(shards)
         scores = concat_scores([f.result() for f in futures], T=batch.max_response_len)
