@@ -245,7 +245,8 @@ class ObjectiveConfig:
     akl_mu (float, *optional*, defaults to 0.5): AKL head/tail cumulative-probability split μ.
     temperature (float, *optional*, defaults to 1.0): divergence temperature τ: both distributions at τ
         (not for minillm). Full teacher log-probs are re-tempered in the loss; top-k ones are scored at τ.
-    clip_eps (float, *optional*, defaults to 0.2): PPO ratio clipping ε (MiniLLM).
+    clip_eps (float, *optional*, defaults to 0.2): PPO ratio clipping ε (MiniLLM); null = no clipping (the
+        exact importance-weighted estimator, see `minillm.policy_gradient.minillm_loss`).
     ppo_epochs (int, *optional*, defaults to 1): inner epochs over one rollout.
     length_norm (bool, *optional*, defaults to True): MiniLLM length normalisation.
     gamma (float, *optional*, defaults to 1.0): discount (the official code uses 0.95).
@@ -267,7 +268,7 @@ class ObjectiveConfig:
     skew_alpha: float = 0.1
     akl_mu: float = 0.5
     temperature: float = 1.0
-    clip_eps: float = 0.2
+    clip_eps: Optional[float] = 0.2
     ppo_epochs: int = 1
     length_norm: bool = True
     gamma: float = 1.0
@@ -283,7 +284,8 @@ class ObjectiveConfig:
         _in_range("objective.skew_alpha", self.skew_alpha, 0.0, 1.0)
         _in_range("objective.akl_mu", self.akl_mu, 0.0, 1.0)
         _in_range("objective.temperature", self.temperature, 0.0, None, low_open=True)
-        _in_range("objective.clip_eps", self.clip_eps, 0.0, None, low_open=True)
+        if self.clip_eps is not None:
+            _in_range("objective.clip_eps", self.clip_eps, 0.0, None, low_open=True)
         _in_range("objective.gamma", self.gamma, 0.0, 1.0)
         _in_range("objective.pt_weight", self.pt_weight, 0.0, None)
         _positive("objective.ppo_epochs", self.ppo_epochs)

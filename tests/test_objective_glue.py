@@ -106,3 +106,36 @@ def test_configured_divergence_reaches_the_loss(setup, name, form):
             loss, _ = objective_loss(student, batch, scores, cfg.objective, global_tokens=n_tokens)
         # top-k with K = V is the full form up to the rest bucket's epsilon clamp (minillm/divergences.py)
         assert float(loss) == pytest.approx(float(want), rel=1e-5, abs=1e-6), n_ranks
+
+
+@pytest.mark.parametrize("clip", ["0.05", "null"])
+def test_minillm_flags_reach_the_loss(setup, clip):
+    """Each MiniLLM flag of the config reaches minillm_loss as itself (values chosen so that a swap changes
+    the loss), the batch's α gives the importance weights, and the teacher scores at τ = 1."""
+    from minillm.policy_gradient import minillm_loss
+    from rollout.forward import response_logits
+
+    pool, student, teacher, _, prompts, responses = setup
+    cfg = load_config(None, [f"objective.clip_eps={clip}", "objective.length_norm=false", "objective.gamma=0.9",
+                             "objective.include_current=true", "objective.whiten=true", "objective.importance=sequence",
+                             "rollout.mix_alpha=0.2"])
+    batch = RolloutBatch.from_lists(prompts, responses, pad_token_id=0)
+    g = torch.Generator().manual_seed(1)  # the rollout's log-probs, as from another (stale) policy
+    batch.student_logprobs = (torch.randn(batch.response_mask().shape, generator=g) * 0.1 - 2.0) * batch.response_mask()
+    batch.mix_alpha = 0.2
+    _, scores = score_for_update(pool, batch, cfg, n_ranks=2)
+    with torch.no_grad():
+        direct = torch.cat([torch.log_softmax(teacher(torch.tensor([p + r])).logits[0, len(p) - 1:-1], -1)
+                            .gather(-1, torch.tensor(r)[:, None])[:, 0] for p, r in zip(prompts, responses)])
+    torch.testing.assert_close(scores.token_logprobs[batch.response_mask()].double(), direct, rtol=0, atol=1e-5)
+
+    n_tokens = int(batch.response_lens.sum())
+    with torch.no_grad():
+        loss, metrics = objective_loss(student, batch, scores, cfg.objective, global_tokens=n_tokens)
+        want, want_metrics = minillm_loss(
+            response_logits(student, batch), batch.response_tokens(), batch.response_mask(), batch.student_logprobs,
+            scores.token_logprobs, teacher_logits=scores.full_logprobs, alpha=0.2,
+            clip_eps=None if clip == "null" else 0.05, length_norm=False, gamma=0.9, include_current=True, whiten=True,
+            importance="sequence", single_step=True, num_tokens=n_tokens)
+    assert float(loss) == pytest.approx(float(want), rel=1e-9)
+    assert metrics["reward"] == pytest.approx(float(want_metrics["reward"]), rel=1e-9)
