@@ -229,3 +229,25 @@ def test_learning_rate_follows_the_schedule_with_warmup(roles, schedule):
         return lr * {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}[schedule]
 
     assert used == pytest.approx([expected(s) for s in range(steps)], rel=1e-9, abs=1e-15)
+
+
+def test_student_from_config_is_the_seeded_random_init(roles):
+    """model.student_init=from_config: the student's architecture with fresh weights, drawn from trainer.seed
+    (the same as transformers' own init under that seed), not the folder's trained weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg, *_ = roles
+    learner, placement = _start(["model.student_init=from_config", "trainer.seed=7"])
+    try:
+        got = ray.get(learner[0].state_dict_cpu.remote())
+    finally:
+        ray.kill(learner[0])
+        release(placement)
+    torch.manual_seed(7)
+    want = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_path(cfg.model.student))).state_dict()
+    trained = load_file(resolve_path("builtin:tiny-student/model.safetensors"))
+    assert set(got) == set(want)
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(got[k], trained[k]) for k in trained if k in got)
