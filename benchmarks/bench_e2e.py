@@ -205,7 +205,7 @@ def run_ours(spec: dict, system: str) -> dict:
 
     # fixed-length responses: no EOS id in the driver's sampling settings (see the module docstring)
     sampling = loop.sampling
-    loop.sampling = lambda *a, **k: dataclasses.replace(sampling(*a, **k), eos_token_id=None)
+    loop.sampling = lambda *a, **k: dataclasses.replace(sampling(*a, **k), eos_token_id=None, stop_token_ids=[])
     loop.generate, loop.score_for_update, loop.train_on = (
         timed("generate", loop.generate), timed("score", loop.score_for_update), timed("train", loop.train_on))
     WeightSync.__call__ = timed("sync", WeightSync.__call__)

@@ -172,3 +172,31 @@ def test_off_policy_gkd_without_responses_fails_before_any_actor(tmp_path):
     for extra in (["objective.lam=1.0"], ["objective.lam=0.5", "objective.seq_kd=true"]):
         cfg = load_config("gkd_cpu", [f"data.prompts={tmp_path / 'p.jsonl'}", *extra])
         assert len(load_data(cfg, load_tokenizers(cfg)).train.prompts) == 3
+
+
+def test_the_student_generation_configs_eos_ids_end_responses(tmp_path):
+    """Instruct models list several EOS ids in generation_config.json (end of turn, end of text): the rollout
+    stops at all of them, as `generate` and vLLM do, and the exported student keeps the list."""
+    import json
+    import shutil
+
+    from launch.config import load_config
+    from trainer.loop import generation_config, sampling
+    from trainer.roles import load_tokenizers
+
+    listed, bare = tmp_path / "listed", tmp_path / "bare"
+    shutil.copytree(resolve_path("builtin:tiny-student"), listed)
+    shutil.copytree(resolve_path("builtin:tiny-student"), bare)
+    gen = json.loads((listed / "generation_config.json").read_text())
+    (listed / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [2, 9]}))
+    (bare / "generation_config.json").unlink()
+
+    cfg = load_config(None, [f"model.student={listed}"])
+    tok = load_tokenizers(cfg)
+    settings = sampling(cfg, tok, seed=0)
+    assert tok.eos_token_id == 2 and settings.eos_token_id == 2 and settings.stop_token_ids == [9]
+    assert generation_config(tok, cfg).eos_token_id == [2, 9]
+
+    cfg = load_config(None, [f"model.student={bare}"])
+    assert sampling(cfg, tok, seed=0).stop_token_ids == []
+    assert generation_config(tok, cfg).eos_token_id == 2

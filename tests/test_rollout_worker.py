@@ -89,6 +89,27 @@ def test_actor_mixed_sampling_returns_raw_student_logprobs(worker, paths):
     torch.testing.assert_close(batch.student_logprobs, reference_logprobs(paths[0], batch), atol=5e-5, rtol=0)  # float32 rollout vs float64 reference
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_responses_end_at_the_first_stop_token(worker, alpha):
+    """stop_token_ids end a response like EOS does (kept as its last token), in plain and teacher-mixed
+    sampling. The stop set is the three tokens sampled most often without one, so it is hit."""
+    free = ray.get(worker.generate.remote(PROMPTS, SamplingSettings(max_new_tokens=16, n=8, seed=4, mix_alpha=alpha)))
+    counts = torch.bincount(free.response_tokens()[free.response_mask()], minlength=75)
+    counts[EOS] = 0
+    stops = counts.topk(3).indices.tolist()
+    settings = SamplingSettings(max_new_tokens=16, n=8, seed=4, eos_token_id=EOS, stop_token_ids=stops, mix_alpha=alpha)
+    batch = ray.get(worker.generate.remote(PROMPTS, settings))
+    ended = set(stops) | {EOS}
+    early = 0
+    for i in range(len(batch)):
+        resp = batch.response_tokens()[i, :int(batch.response_lens[i])].tolist()
+        assert not ended & set(resp[:-1]), (resp, stops)  # nothing sampled after a stop token
+        if len(resp) < 16:
+            assert resp[-1] in ended, resp
+            early += resp[-1] in stops
+    assert early > 0  # the stop set was hit
+
+
 def test_update_weights_from_buckets_of_another_model(worker, paths):
     batch = ray.get(worker.generate.remote(PROMPTS, SETTINGS))
     other = AutoModelForCausalLM.from_pretrained(paths[1])

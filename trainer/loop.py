@@ -6,6 +6,7 @@ update. Roles are Ray actors placed by `launch.placement`; this file only sequen
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import shutil
@@ -40,10 +41,29 @@ EVAL_SAMPLES_PER_PROMPT = 4
 # ---- one step's phases ------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=8)
+def generation_eos_ids(model_dir: str) -> tuple[int, ...]:
+    """The EOS ids of a model folder's generation_config.json: instruct models list several (Llama 3: end of
+    text, end of message, end of turn; Qwen2.5: end of turn, end of text). None when the folder has no such file."""
+    from transformers import GenerationConfig
+    try:
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:
+        return ()
+    return tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+
+
+def stop_ids(cfg: RunConfig, tokenizer) -> list[int]:
+    """Tokens that end a response besides the tokenizer's EOS: the student's generation config's other EOS ids,
+    as `generate` and vLLM would stop at them by default."""
+    return [i for i in generation_eos_ids(resolve_path(cfg.model.student)) if i != tokenizer.eos_token_id]
+
+
 def sampling(cfg: RunConfig, tokenizer, seed: int, n: Optional[int] = None) -> SamplingSettings:
     r = cfg.rollout
     return SamplingSettings(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
-                            n=n or r.n_samples, eos_token_id=tokenizer.eos_token_id, seed=seed, mix_alpha=r.mix_alpha)
+                            n=n or r.n_samples, eos_token_id=tokenizer.eos_token_id, stop_token_ids=stop_ids(cfg, tokenizer),
+                            seed=seed, mix_alpha=r.mix_alpha)
 
 
 def submit_generate(workers: list, prompts: list[list[int]], settings: SamplingSettings) -> list:
@@ -168,9 +188,11 @@ def save_checkpoint(cfg: RunConfig, roles: Roles, out_dir: Path, step: int, stat
 
 
 def generation_config(tokenizer, cfg: RunConfig):
-    """What the exported student samples with by default: the rollout's settings."""
+    """What the exported student samples with by default: the rollout's settings and stop tokens."""
     from transformers import GenerationConfig
-    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    extra = stop_ids(cfg, tokenizer)
+    return GenerationConfig(bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=[tokenizer.eos_token_id, *extra] if extra else tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id, do_sample=True, temperature=cfg.rollout.temperature,
                             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
 
