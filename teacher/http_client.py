@@ -27,13 +27,16 @@ class HttpTeacherClient:
         retries (`int`, *optional*, defaults to 5): retries after the first attempt.
         backoff (`float`, *optional*, defaults to 0.5): first wait in seconds, doubled every retry.
         values_dtype (`str`, *optional*, defaults to "float32"): dtype of returned top-k log-probs.
+        vocab_size (`int`, *optional*): the student's vocabulary size, sent with every request (distributions over
+            the student's ids; ``teacher.scoring.score_sequences``).
     """
 
-    def __init__(self, url: str, timeout: float = 300.0, retries: int = 5, backoff: float = 0.5, values_dtype: str = "float32"):
+    def __init__(self, url: str, timeout: float = 300.0, retries: int = 5, backoff: float = 0.5, values_dtype: str = "float32",
+                 vocab_size: int | None = None):
         if retries < 0 or backoff < 0:
             raise ValueError(f"retries and backoff must be >= 0, got retries={retries}, backoff={backoff}.")
         self.url = url.rstrip("/")
-        self.retries, self.backoff, self.values_dtype = retries, backoff, values_dtype
+        self.retries, self.backoff, self.values_dtype, self.vocab_size = retries, backoff, values_dtype, vocab_size
         self._http = httpx.Client(timeout=timeout)
 
     def score(self, sequences, prompt_lens, response_lens, topk: int = 0, return_full: bool = False, temperature: float = 1.0) -> TeacherScores:
@@ -41,7 +44,8 @@ class HttpTeacherClient:
         from teacher.scoring import validate_lengths
 
         validate_lengths(sequences, prompt_lens, response_lens)  # fail before the round trip
-        body = encode_request(ScoreRequest(sequences, prompt_lens, response_lens, topk, return_full, temperature), self.values_dtype)
+        body = encode_request(ScoreRequest(sequences, prompt_lens, response_lens, topk, return_full, temperature,
+                                          self.vocab_size), self.values_dtype)
         resp = self._request("POST", "/v1/score", content=body, headers={"content-type": MEDIA_TYPE})
         return decode_scores(resp.content)
 

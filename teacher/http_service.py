@@ -4,7 +4,7 @@ Routes (api version 1):
     GET  /v1/health  -> {"status": "ok"}
     GET  /v1/info    -> {model_name, vocab_size, tokenizer_len, max_context, special_token_ids, api_version, ...}
     POST /v1/score   body: safetensors (sequences, prompt_lens, response_lens + metadata topk, return_full,
-                     temperature, values_dtype) -> safetensors (token_logprobs [, topk_ids, topk_logprobs, full_logprobs])
+                     temperature, values_dtype [, vocab_size]) -> safetensors (token_logprobs [, topk_ids, topk_logprobs, full_logprobs])
 
 Errors are JSON ``{"detail": message}``: 400 malformed body, 413 body too large or sequence
 longer than the model's context, 422 invalid lengths (empty response, span beyond L, ...).
@@ -72,6 +72,7 @@ def create_app(model, info: dict, token_budget: int = 16384, max_body_bytes: int
                 return score_sequences(
                     model, req.sequences, req.prompt_lens, req.response_lens, topk=req.topk, return_full=req.return_full,
                     values_dtype=dtype, token_budget=token_budget, temperature=req.temperature,
+                    vocab_size=req.vocab_size,
                 )
 
         try:

@@ -29,13 +29,15 @@ _ACTOR_ERRORS = (RayActorError, ActorDiedError, ActorUnavailableError)
 class TeacherActor:
     """One teacher replica. Public methods are its protocol: ``score``, ``vocab_info``, ``ping``."""
 
-    def __init__(self, model_path: str, device: str, dtype: str, token_budget: int, release_memory: bool = False):
+    def __init__(self, model_path: str, device: str, dtype: str, token_budget: int, release_memory: bool = False,
+                 vocab_size: int | None = None):
         from teacher.loading import describe_teacher, load_teacher, load_tokenizer_if_present
 
         self.model = load_teacher(model_path, device, dtype)
         self.info = describe_teacher(self.model, model_path, load_tokenizer_if_present(model_path))
         self.token_budget = token_budget
         self.release_memory = release_memory
+        self.vocab_size = vocab_size
 
     def score(self, sequences, prompt_lens, response_lens, topk: int, return_full: bool, values_dtype: str, temperature: float) -> TeacherScores:
         """Shapes as in ``teacher.scoring.score_sequences``; the result is on CPU."""
@@ -45,6 +47,7 @@ class TeacherActor:
         scores = score_sequences(
             self.model, sequences, prompt_lens, response_lens, topk=topk, return_full=return_full,
             values_dtype=parse_dtype(values_dtype), token_budget=self.token_budget, temperature=temperature,
+            vocab_size=self.vocab_size,
         ).to("cpu")
         if self.release_memory and torch.cuda.is_available():
             torch.cuda.empty_cache()  # a shared GPU: the learner and the waking engine need what the activations held
@@ -137,6 +140,8 @@ class TeacherPool:
         values_dtype (`str`, *optional*, defaults to "float32"): dtype of the returned top-k log-probs.
         release_memory (`bool`, *optional*, defaults to False): return cached CUDA memory to the GPU after
             each call (the teacher shares its GPU with other processes: the single-GPU mode).
+        vocab_size (`int`, *optional*): the student's vocabulary size, when it differs from the teacher's by
+            embedding padding: distributions are over the student's ids (``score_sequences``).
     """
 
     def __init__(
@@ -152,6 +157,7 @@ class TeacherPool:
         max_restarts: int = 3,
         values_dtype: str = "float32",
         release_memory: bool = False,
+        vocab_size: int | None = None,
     ):
         from teacher.loading import parse_dtype
 
@@ -173,7 +179,8 @@ class TeacherPool:
 
                 pg, bundle = placement[i]
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=bundle)
-            self.actors.append(TeacherActor.options(**options).remote(model_path, device, dtype, token_budget, release_memory))
+            self.actors.append(TeacherActor.options(**options).remote(model_path, device, dtype, token_budget, release_memory,
+                                                                       vocab_size))
         ray.get([a.ping.remote() for a in self.actors])  # surface load errors now
 
     @property

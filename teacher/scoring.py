@@ -134,6 +134,7 @@ def score_sequences(
     token_budget: int = 16384,
     max_context: int | None = None,
     temperature: float = 1.0,
+    vocab_size: int | None = None,
 ) -> TeacherScores:
     """Teacher log-probs of each response token (and optionally top-k / full distributions).
 
@@ -148,6 +149,11 @@ def score_sequences(
         token_budget: max padded tokens (rows * max_len) per forward pass.
         max_context: longest allowed prompt+response; defaults to ``model.config.max_position_embeddings``.
         temperature: logits are divided by it before the log-softmax.
+        vocab_size: the vocabulary the distribution is over (the student's embedding rows); None = the teacher's.
+            Models of one family differ only in embedding padding past the tokenizer (Qwen2.5-7B has 152064 rows,
+            0.5B 151936; no token id reaches them, checked at start-up): the teacher's extra rows are dropped
+            before the softmax, and rows the teacher lacks get probability 0, so every id and column is one the
+            student has.
 
     Returns:
         ``TeacherScores`` on ``sequences.device``, T = max(response_lens), zeros beyond each response.
@@ -161,10 +167,13 @@ def score_sequences(
     prompt_lens, response_lens = prompt_lens.long().cpu(), response_lens.long().cpu()
     if max_context is None:
         max_context = getattr(model.config, "max_position_embeddings", None)
-    V = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
-    validate_lengths(sequences, prompt_lens, response_lens, max_context=max_context, vocab_size=V)
-    if topk > V:
-        raise ValueError(f"topk={topk} exceeds the teacher vocabulary size {V}.")
+    V_model = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
+    V = V_model if vocab_size is None else vocab_size
+    if V < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}.")
+    validate_lengths(sequences, prompt_lens, response_lens, max_context=max_context, vocab_size=min(V, V_model))
+    if topk > min(V, V_model):
+        raise ValueError(f"topk={topk} exceeds the teacher vocabulary size {min(V, V_model)}.")
 
     out_device = sequences.device
     device = next(model.parameters()).device
@@ -196,7 +205,11 @@ def score_sequences(
         chunk = max(1, _LOGITS_CHUNK_ELEMS // V)
         for s in range(0, M, chunk):
             sl = slice(s, s + chunk)
-            logits = head(feats[sl]) if head is not None else feats[sl]  # (m, V)
+            logits = head(feats[sl]) if head is not None else feats[sl]  # (m, V_model)
+            if V < V_model:
+                logits = logits[:, :V]
+            elif V > V_model:
+                logits = torch.nn.functional.pad(logits, (0, V - V_model), value=float("-inf"))
             logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (m, V) fp32
             token_lp[out_row[sl], t[sl]] = logp.gather(1, targets[sl, None]).squeeze(1)
             if topk:

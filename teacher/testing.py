@@ -54,16 +54,22 @@ def random_batch(n: int, vocab_size: int, max_prompt: int = 7, max_response: int
 
 
 @torch.no_grad()
-def reference_scores(model, sequences, prompt_lens, response_lens, topk: int = 0) -> TeacherScores:
-    """Deliberately naive: one unpadded full forward per row, log_softmax over all logits, then slice."""
+def reference_scores(model, sequences, prompt_lens, response_lens, topk: int = 0, vocab_size: int | None = None) -> TeacherScores:
+    """Deliberately naive: one unpadded full forward per row, log_softmax over all logits, then slice.
+    vocab_size: the distribution over ids 0..vocab_size-1 (logits cut, or extended with -inf, first)."""
     N, T = sequences.shape[0], int(response_lens.max())
-    V = model.config.vocab_size
+    V = vocab_size or model.config.vocab_size
     tok = torch.zeros(N, T)
     full = torch.zeros(N, T, V)
     for i in range(N):
         p, r = int(prompt_lens[i]), int(response_lens[i])
         seq = sequences[i, : p + r][None]
-        logp = torch.log_softmax(model(seq).logits.float(), dim=-1)[0]  # (p + r, V)
+        logits = model(seq).logits.float()[0]
+        if V <= logits.shape[-1]:
+            logits = logits[:, :V]
+        else:
+            logits = torch.cat([logits, torch.full((logits.shape[0], V - logits.shape[-1]), float("-inf"))], -1)
+        logp = torch.log_softmax(logits, dim=-1)  # (p + r, V)
         full[i, :r] = logp[p - 1 : p + r - 1]
         tok[i, :r] = full[i, :r].gather(1, seq[0, p:, None]).squeeze(1)
     ids = vals = None

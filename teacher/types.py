@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from typing import Optional
+
 import torch
 
 
@@ -32,6 +34,8 @@ class ScoreRequest:
         topk (`int`, *optional*, defaults to 0): top-k ids/log-probs per position; 0 = none.
         return_full (`bool`, *optional*, defaults to False): also return the (N, T, V) log-softmax.
         temperature (`float`, *optional*, defaults to 1.0): logits are divided by it before the softmax.
+        vocab_size (`int`, *optional*): the vocabulary the distribution is over (the student's embedding rows);
+            None = the teacher's (``teacher.scoring.score_sequences``).
     """
 
     sequences: torch.Tensor
@@ -40,10 +44,13 @@ class ScoreRequest:
     topk: int = 0
     return_full: bool = False
     temperature: float = 1.0
+    vocab_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.topk < 0:
             raise ValueError(f"topk must be >= 0, got {self.topk}.")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}.")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}.")
 

@@ -39,14 +39,19 @@ class VllmServerTeacherClient:
         topk (`int`, *optional*, defaults to 0): default K when ``score`` is called without one.
         rows_per_request (`int`, *optional*, defaults to 64): prompts batched into one HTTP request.
         timeout, retries, backoff: as ``HttpTeacherClient``.
+        vocab_size (`int`, *optional*): the student's vocabulary size. vLLM ranks the teacher's whole vocabulary,
+            embedding padding included: top-k ids at or past it (rows the student lacks) are dropped, and a
+            position left with fewer than K ids is an error naming the fix.
     """
 
     def __init__(self, base_url: str, model_name: str, topk: int = 0, rows_per_request: int = 64,
-                 timeout: float = 300.0, retries: int = 5, backoff: float = 0.5, values_dtype: torch.dtype = torch.float32):
+                 timeout: float = 300.0, retries: int = 5, backoff: float = 0.5, values_dtype: torch.dtype = torch.float32,
+                 vocab_size: int | None = None):
         if topk < 0 or rows_per_request < 1:
             raise ValueError(f"need topk >= 0 and rows_per_request >= 1, got topk={topk}, rows_per_request={rows_per_request}.")
         self.base_url, self.model_name, self.topk = base_url.rstrip("/"), model_name, topk
         self.rows_per_request, self.retries, self.backoff, self.values_dtype = rows_per_request, retries, backoff, values_dtype
+        self.vocab_size = vocab_size
         self._http = httpx.Client(timeout=timeout)
 
     def score(self, sequences, prompt_lens, response_lens, topk: int | None = None, return_full: bool = False, temperature: float = 1.0) -> TeacherScores:
@@ -77,9 +82,15 @@ class VllmServerTeacherClient:
                     entry = entries[P + t]
                     token_lp[i, t] = entry[str(prompt[P + t])]["logprob"]
                     if K:
-                        top = sorted(((v.get("rank") or 0, -v["logprob"], int(k)) for k, v in entry.items()))[:K]
+                        ranked = sorted((v.get("rank") or 0, -v["logprob"], int(k)) for k, v in entry.items())
+                        top = [e for e in ranked if self.vocab_size is None or e[2] < self.vocab_size][:K]
                         if len(top) < K:
-                            raise ValueError(f"vLLM returned {len(top)} < K={K} log-probs at row {i}, position {t}; raise the server's --max-logprobs.")
+                            dropped = len(ranked) - len([e for e in ranked if self.vocab_size is None or e[2] < self.vocab_size])
+                            raise ValueError(
+                                f"vLLM returned {len(top)} < K={K} usable log-probs at row {i}, position {t}"
+                                + (f" ({dropped} ranked ids are past the student's vocabulary size {self.vocab_size}: "
+                                   f"use teacher.backend=ray or http, which score over the student's ids)" if dropped else
+                                   "; raise the server's --max-logprobs"))
                         topk_ids[i, t] = torch.tensor([tid for _, _, tid in top], dtype=torch.int32)
                         topk_lp[i, t] = torch.tensor([-neg for _, neg, _ in top])
         return TeacherScores(token_lp, topk_ids, None if topk_lp is None else topk_lp.to(self.values_dtype))

@@ -59,6 +59,8 @@ def encode_request(req: ScoreRequest, values_dtype: str = "float32") -> bytes:
     }
     meta = {"api_version": API_VERSION, "topk": str(req.topk), "return_full": str(int(req.return_full)),
             "temperature": repr(float(req.temperature)), "values_dtype": values_dtype}
+    if req.vocab_size is not None:
+        meta["vocab_size"] = str(req.vocab_size)
     return st_save(tensors, metadata=meta)
 
 
@@ -74,9 +76,11 @@ def decode_request(body: bytes) -> tuple[ScoreRequest, str]:
         topk = int(meta.get("topk", "0"))
         return_full = bool(int(meta.get("return_full", "0")))
         temperature = float(meta.get("temperature", "1.0"))
+        vocab_size = int(meta["vocab_size"]) if "vocab_size" in meta else None
+        req = ScoreRequest(tensors["sequences"], tensors["prompt_lens"], tensors["response_lens"], topk, return_full,
+                           temperature, vocab_size)
     except ValueError as e:
         raise WireFormatError(f"bad scalar in request metadata {meta}: {e}") from e
-    req = ScoreRequest(tensors["sequences"], tensors["prompt_lens"], tensors["response_lens"], topk, return_full, temperature)
     return req, meta.get("values_dtype", "float32")
 
 

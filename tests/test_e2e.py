@@ -114,6 +114,34 @@ def test_sequence_level_kd_trains_on_teacher_samples(local_ray, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("objective", [["objective.name=gkd"],  # full distributions
+                                       ["teacher.return_full=false", "teacher.topk=8", "rollout.mix_alpha=0.2"]])
+def test_a_teacher_with_more_embedding_rows_trains(local_ray, tmp_path, objective):
+    """Teacher and student of one family differ in embedding padding (Qwen2.5-7B: 152064 rows, 0.5B: 151936).
+    Here the teacher has 16 extra rows with large random weights, which no token id reaches: the run
+    trains on the student's ids (before, the full form failed on shape and top-k ids ran past the student)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+    from launch.config import resolve_path
+
+    teacher_dir = tmp_path / "teacher"
+    teacher = AutoModelForCausalLM.from_pretrained(resolve_path("builtin:tiny-teacher"))
+    V = teacher.config.vocab_size
+    teacher.resize_token_embeddings(V + 16, mean_resizing=False)
+    with torch.no_grad():  # large random padding rows: some get the top logits at most positions
+        teacher.lm_head.weight[V:] = 50.0 * torch.randn(16, teacher.config.hidden_size)
+    teacher.save_pretrained(teacher_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(resolve_path(f"builtin:tiny-teacher/{name}"), teacher_dir / name)
+    cfg = load_config(None, [o for o in FAST if not o.startswith("trainer.steps")] + [
+        "trainer.steps=2", f"model.teacher={teacher_dir}", "data.eval_prompts=null", f"output_dir={tmp_path / 'run'}",
+        *objective])
+    train(cfg, Hooks(progress=False))
+    assert all(math.isfinite(r["loss/loss"]) for r in _metrics(tmp_path / "run"))
+
+
+@pytest.mark.slow
 def test_teacher_mixed_sampling_and_pretraining_loss_in_the_loop(local_ray, tmp_path):
     """MiniLLM with α=0.2 samples mixed batches (importance weights ≠ 1) and adds L_PT on the corpus."""
     cfg = load_config(None, [o for o in FAST if not o.startswith("trainer.steps")] + [

@@ -89,3 +89,18 @@ def test_wire_roundtrip():
     seqs, p, r = random_batch(3, 64)
     req, vd = decode_request(encode_request(ScoreRequest(seqs, p, r, topk=7, return_full=True, temperature=0.5), "bfloat16"))
     assert torch.equal(req.sequences, seqs) and req.topk == 7 and req.return_full and req.temperature == 0.5 and vd == "bfloat16"
+
+
+def test_http_scores_over_the_clients_vocabulary(server):
+    """The client sends the student's vocabulary size; the server's distributions are over those ids."""
+    batch = random_batch(6, 50, seed=8)
+    c = HttpTeacherClient(server, timeout=30, retries=1, backoff=0.05, vocab_size=50)
+    try:
+        out = c.score(*batch, topk=4, return_full=True)
+    finally:
+        c.close()
+    ref = reference_scores(tiny_llama(), *batch, topk=4, vocab_size=50)
+    assert out.full_logprobs.shape[-1] == 50
+    torch.testing.assert_close(out.token_logprobs, ref.token_logprobs, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.full_logprobs, ref.full_logprobs, atol=ATOL, rtol=0)
+    assert torch.equal(out.topk_ids, ref.topk_ids)

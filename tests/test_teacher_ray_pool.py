@@ -126,3 +126,18 @@ def test_placement_group_bundles(pool, teacher_path, batch_and_ref):
     torch.testing.assert_close(placed.score(*batch).token_logprobs, ref.token_logprobs, atol=ATOL, rtol=0)
     placed.shutdown()
     remove_placement_group(pg)
+
+
+def test_pool_scores_over_the_students_vocabulary(pool, teacher_path):
+    """vocab_size reaches every replica: distributions over the student's ids, as score_sequences gives them."""
+    batch = random_batch(6, 50, seed=9)
+    narrow = TeacherPool(teacher_path, num_replicas=1, num_cpus_per_replica=0, token_budget=64, vocab_size=50)
+    try:
+        out = narrow.score(*batch, topk=4, return_full=True)
+    finally:
+        narrow.shutdown()
+    ref = reference_scores(tiny_llama(), *batch, topk=4, vocab_size=50)
+    assert out.full_logprobs.shape[-1] == 50
+    torch.testing.assert_close(out.full_logprobs, ref.full_logprobs, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.token_logprobs, ref.token_logprobs, atol=ATOL, rtol=0)
+    assert torch.equal(out.topk_ids, ref.topk_ids)

@@ -116,3 +116,25 @@ def test_select_scores_copies_only_what_it_must(ref):
     assert torch.equal(part.full_logprobs, ref.full_logprobs[[3, 1], :T - 1])
     assert torch.equal(part.topk_ids, ref.topk_ids[[3, 1], :T - 1])
     assert torch.equal(select_scores(ref, list(range(12)), T - 1).token_logprobs, ref.token_logprobs[:, :T - 1])
+
+
+@pytest.mark.parametrize("vocab", [57, 70])  # the model has 64 rows: a smaller and a larger student vocabulary
+def test_distribution_over_the_students_vocabulary(model, vocab):
+    """vocab_size: the teacher's distribution over the student's ids (Qwen2.5-7B vs 0.5B differ in embedding
+    padding): extra teacher rows dropped before the softmax, missing ones at probability 0."""
+    batch = random_batch(10, min(vocab, 64), seed=7)
+    out = score_sequences(model, *batch, topk=5, return_full=True, vocab_size=vocab)
+    ref = reference_scores(model, *batch, topk=5, vocab_size=vocab)
+    assert out.full_logprobs.shape[-1] == vocab and int(out.topk_ids.max()) < min(vocab, 64)
+    torch.testing.assert_close(out.token_logprobs, ref.token_logprobs, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.full_logprobs, ref.full_logprobs, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.topk_logprobs, ref.topk_logprobs, atol=ATOL, rtol=0)
+    assert torch.equal(out.topk_ids, ref.topk_ids)
+    # each position's distribution sums to 1 over the student's ids
+    mask = torch.arange(out.full_logprobs.shape[1])[None, :] < batch[2][:, None]
+    torch.testing.assert_close(out.full_logprobs.exp().sum(-1)[mask], torch.ones(int(mask.sum())), atol=1e-5, rtol=0)
+    if vocab < 64:  # the teacher's rows past the student's would otherwise show up
+        plain = score_sequences(model, *batch, topk=5)
+        assert not torch.allclose(plain.token_logprobs, out.token_logprobs)
+        with pytest.raises(ValueError, match=r"token ids must be in \[0, 57\)"):
+            score_sequences(model, *random_batch(10, 64, seed=7), vocab_size=vocab)

@@ -77,3 +77,15 @@ def test_vllm_client_server_limits(server):
     long = torch.randint(3, 64, (1, 128))  # max_model_len 128: no room for the one generated token
     with pytest.raises(ValueError, match="maximum context length"):
         client.score(long, torch.tensor([100]), torch.tensor([28]))
+
+
+def test_vllm_client_keeps_only_the_students_ids(server, batch_and_ref):
+    """vLLM ranks the teacher's whole vocabulary: with the student's vocabulary size given, ids past it are
+    dropped; a position left with fewer than K ids is an error naming the backends that score over it."""
+    batch, ref = batch_and_ref
+    top_ids = int(ref.topk_ids.max())
+    wide = VllmServerTeacherClient(server, "tiny-teacher", topk=5, vocab_size=top_ids + 1).score(*batch)
+    assert torch.equal(wide.topk_ids, ref.topk_ids)  # nothing past the vocabulary: the same scores
+    torch.testing.assert_close(wide.topk_logprobs, ref.topk_logprobs, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match=r"ranked ids are past the student's vocabulary size 40: use teacher.backend=ray or http"):
+        VllmServerTeacherClient(server, "tiny-teacher", topk=5, vocab_size=40).score(*random_batch(7, 40, seed=4))

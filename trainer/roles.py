@@ -77,18 +77,22 @@ def start_learners(cfg: RunConfig, placement: RolePlacement) -> list:
 
 
 def start_teacher(cfg: RunConfig, placement: Optional[RolePlacement]):
+    """The teacher scorer, its distributions over the student's ids (the two may differ in embedding padding)."""
+    from transformers import AutoConfig
     t = cfg.teacher
+    student_vocab = AutoConfig.from_pretrained(resolve_path(cfg.model.student)).get_text_config().vocab_size
     if t.backend == "ray":
         from teacher.ray_pool import TeacherPool
         return TeacherPool(resolve_path(cfg.model.teacher), num_replicas=t.num_replicas, device=cfg.trainer.device,
                            dtype=cfg.model.dtype, num_cpus_per_replica=t.num_cpus, num_gpus_per_replica=t.num_gpus,
                            token_budget=t.token_budget, placement=placement.slots(),
-                           release_memory=cfg.rollout.sleep_mode)  # single-GPU mode: give the engine its memory back
+                           release_memory=cfg.rollout.sleep_mode,  # single-GPU mode: give the engine its memory back
+                           vocab_size=student_vocab)
     if t.backend == "http":
         from teacher.http_client import HttpTeacherClient
-        return HttpTeacherClient(t.url)
+        return HttpTeacherClient(t.url, vocab_size=student_vocab)
     from teacher.vllm_client import VllmServerTeacherClient
-    return VllmServerTeacherClient(t.url, t.served_model_name or cfg.model.teacher, topk=t.topk)
+    return VllmServerTeacherClient(t.url, t.served_model_name or cfg.model.teacher, topk=t.topk, vocab_size=student_vocab)
 
 
 def start_rollout(cfg: RunConfig, placement: RolePlacement, model_path: str, teacher_path: Optional[str] = None) -> list:
