@@ -80,6 +80,16 @@ def reference_scores(model, sequences, prompt_lens, response_lens, topk: int = 0
     return TeacherScores(tok, ids, vals, full)
 
 
+def assert_scores_match(out: TeacherScores, ref: TeacherScores, atol: float = 1e-5) -> None:
+    """Every field the reference has: values within `atol`, top-k ids exactly."""
+    torch.testing.assert_close(out.token_logprobs, ref.token_logprobs, atol=atol, rtol=0)
+    for name in ("full_logprobs", "topk_logprobs"):
+        if getattr(ref, name) is not None and getattr(out, name) is not None:
+            torch.testing.assert_close(getattr(out, name), getattr(ref, name), atol=atol, rtol=0)
+    if out.topk_ids is not None:
+        assert torch.equal(out.topk_ids, ref.topk_ids)
+
+
 def fake_vllm_app(model, model_name: str, max_model_len: int, max_logprobs: int = 20):
     """FastAPI app mimicking vLLM 0.26's ``/v1/completions`` (token-id prompts, ``prompt_logprobs``) from a real HF model.
 
