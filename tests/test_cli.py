@@ -1,0 +1,51 @@
+"""The `minillm` subcommands other than `train` (tested in test_e2e), through the real entry point."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from launch.cli import main
+from launch.config import resolve_path
+from teacher.http_client import HttpTeacherClient
+from teacher.testing import assert_scores_match, free_port, random_batch, reference_scores, serving
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_config_prints_the_resolved_config_and_names_a_bad_key(capsys):
+    assert main(["config", "--config", "gkd_cpu", "objective.beta=0.3", "logging.wandb_mode=offline"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["objective"]["name"] == "gkd" and printed["objective"]["beta"] == 0.3
+    assert printed["logging"]["wandb_mode"] == "offline"
+    assert main(["config", "objective.bta=0.3"]) == 2
+    assert "unknown config key objective.bta (did you mean objective.beta?)" in capsys.readouterr().err
+
+
+def test_export_refuses_a_non_empty_folder_and_a_missing_checkpoint(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(["export", str(tmp_path / "no_run"), "--out", str(out)]) == 2
+    assert "no_run" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "x"
+
+
+def test_serve_teacher_command_serves_the_teachers_log_probs():
+    """`minillm serve-teacher MODEL` in its own process (the console script's module), scored over HTTP."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "launch.cli", "serve-teacher", "builtin:tiny-teacher", "--port", str(port),
+           "--dtype", "float32", "--token-budget", "64"]
+    teacher = AutoModelForCausalLM.from_pretrained(resolve_path("builtin:tiny-teacher"), dtype=torch.float32).eval()
+    batch = random_batch(5, teacher.config.vocab_size, seed=11)
+    with serving(cmd, url + "/v1/health", cwd=str(ROOT)):
+        client = HttpTeacherClient(url, timeout=30, retries=1, backoff=0.05)
+        try:
+            info = client.vocab_info()
+            out = client.score(*batch, topk=3)
+        finally:
+            client.close()
+    assert info["vocab_size"] == teacher.config.vocab_size
+    assert_scores_match(out, reference_scores(teacher, *batch, topk=3))
