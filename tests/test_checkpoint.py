@@ -227,3 +227,30 @@ def test_save_student_files(tmp_path):
     assert {"config.json", "generation_config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     assert AutoConfig.from_pretrained(out).hidden_size == 32
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
+
+
+def test_resume_under_another_learner_layout_names_the_key(tmp_path):
+    """ZeRO stage, rank count (ZeRO 1-3), bf16 and CPU offload shape the saved learner state: a resume that
+    changes one is refused before anything starts, naming the key; other changes (more steps) resume."""
+    from launch.config import ConfigError, load_config
+    from trainer.loop import find_resume
+
+    run = tmp_path / "run"
+    tmp = ckpt.begin(run / "checkpoints", 4)
+    ds = ckpt.deepspeed_dir(tmp) / ckpt.DS_TAG
+    ds.mkdir(parents=True)
+    (ds / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    written = load_config(None, ["trainer.zero_stage=3", "trainer.num_ranks=2"]).to_dict()
+    ckpt.save_trainer_state(tmp, {"step": 4, "config": written})
+    saved = ckpt.commit(run / "checkpoints", tmp, 4, keep_last=2)
+
+    def resume(*overrides):
+        return find_resume(load_config(None, ["checkpoint.resume=auto", *overrides]), run)
+
+    assert resume("trainer.zero_stage=3", "trainer.num_ranks=2", "trainer.steps=500") == saved
+    with pytest.raises(ConfigError, match=r"trainer.num_ranks=2 \(now 4\)"):
+        resume("trainer.zero_stage=3", "trainer.num_ranks=4")
+    with pytest.raises(ConfigError, match=r"trainer.zero_stage=3 \(now 1\).*minillm export"):
+        resume("trainer.zero_stage=1", "trainer.num_ranks=2")
+    with pytest.raises(ConfigError, match=r"trainer.cpu_offload=False \(now True\)"):
+        resume("trainer.zero_stage=3", "trainer.num_ranks=2", "trainer.cpu_offload=true")

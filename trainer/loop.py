@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import ray
 import torch
 
-from launch.config import RunConfig, resolve_path
+from launch.config import ConfigError, RunConfig, resolve_path
 from launch.placement import create_placement, release
 from minillm.gkd import OnPolicyMixer
 from rollout.types import RolloutBatch, SamplingSettings
@@ -201,12 +201,27 @@ def find_resume(cfg: RunConfig, out_dir: Path) -> Optional[Path]:
     if cfg.checkpoint.resume == "never":
         return None
     if cfg.checkpoint.resume == "auto":
-        return ckpt.find_latest(out_dir / "checkpoints")
-    path = Path(resolve_path(cfg.checkpoint.resume))
-    ok, reason = ckpt.is_complete(path)
-    if not ok:
-        raise FileNotFoundError(f"checkpoint.resume={cfg.checkpoint.resume!r} is not a complete checkpoint: {reason}")
+        path = ckpt.find_latest(out_dir / "checkpoints")
+    else:
+        path = Path(resolve_path(cfg.checkpoint.resume))
+        ok, reason = ckpt.is_complete(path)
+        if not ok:
+            raise FileNotFoundError(f"checkpoint.resume={cfg.checkpoint.resume!r} is not a complete checkpoint: {reason}")
+    if path is not None:
+        check_resumable(cfg, path)
     return path
+
+
+def check_resumable(cfg: RunConfig, path: Path) -> None:
+    """The learner's saved state is laid out for its ZeRO stage, rank count (ZeRO 1-3 partitions), precision and
+    optimizer: resuming under others fails deep inside DeepSpeed, or loads the wrong layout. Name the key instead."""
+    saved = ckpt.load_trainer_state(path).get("config", {}).get("trainer", {})
+    keys = ["zero_stage", "bf16", "cpu_offload"] + (["num_ranks"] if cfg.trainer.zero_stage > 0 else [])
+    diff = [f"trainer.{k}={saved[k]!r} (now {getattr(cfg.trainer, k)!r})"
+            for k in keys if k in saved and saved[k] != getattr(cfg.trainer, k)]
+    if diff:
+        raise ConfigError(f"cannot resume from {path}: it was written with {', '.join(diff)}; resume with the "
+                          f"checkpoint's values, or export it (minillm export) and start a new run from that model")
 
 
 # ---- the loop ---------------------------------------------------------------------------------
