@@ -158,7 +158,10 @@ def test_teacher_mixed_sampling_and_pretraining_loss_in_the_loop(local_ray, tmp_
 
 
 def test_bad_inputs_fail_before_any_actor_starts(tmp_path):
+    import shutil
+
     from transformers import LlamaConfig
+    from launch.config import resolve_path
 
     missing = load_config(None, ["model.teacher=/nonexistent/teacher", f"output_dir={tmp_path / 'a'}"])
     with pytest.raises(FileNotFoundError, match=r"model.teacher='/nonexistent/teacher': no config.json"):
@@ -187,5 +190,23 @@ def test_bad_inputs_fail_before_any_actor_starts(tmp_path):
     from launch.config import ConfigError
     with pytest.raises(ConfigError, match=r"data.prompts row \d+: prompt of \d+ tokens exceeds data.max_prompt_len=3"):
         train(long, Hooks(progress=False))
+    # a prompt that fits data.max_prompt_len but, with the generated tokens, not the models' context (256 tokens)
+    too_long = load_config(None, ["rollout.max_new_tokens=255", f"output_dir={tmp_path / 'd'}"])
+    with pytest.raises(ConfigError, match=r"data.prompts: a prompt of \d+ tokens \+ rollout.max_new_tokens=255 exceeds "
+                                          r"the student's context of 256 tokens; lower data.max_prompt_len"):
+        train(too_long, Hooks(progress=False))
+    short_teacher = tmp_path / "short_teacher"
+    shutil.copytree(resolve_path("builtin:tiny-teacher"), short_teacher)
+    conf = json.loads((short_teacher / "config.json").read_text())
+    (short_teacher / "config.json").write_text(json.dumps({**conf, "max_position_embeddings": 30}))
+    with pytest.raises(ConfigError, match="exceeds the teacher's context of 30 tokens"):
+        train(load_config(None, [f"model.teacher={short_teacher}", "rollout.max_new_tokens=32", f"output_dir={tmp_path / 'e'}"]),
+              Hooks(progress=False))
+    long_doc = tmp_path / "pretrain.jsonl"
+    long_doc.write_text(json.dumps({"text": "the red fox follows the rabbit . " * 60}) + "\n")
+    with pytest.raises(ConfigError, match=r"windows of 300 tokens exceed the student's context of 256 tokens; "
+                                          r"set data.pretrain_max_len <= 256"):
+        train(load_config(None, ["objective.pt_weight=0.5", f"data.pretrain={long_doc}", "data.pretrain_max_len=300",
+                                 f"output_dir={tmp_path / 'f'}"]), Hooks(progress=False))
     # nothing half-written: the run folders were never created
-    assert not any((tmp_path / name).exists() for name in ("a", "b", "c"))
+    assert not any((tmp_path / name).exists() for name in ("a", "b", "c", "d", "e", "f"))

@@ -30,7 +30,7 @@ from trainer.evaluate import reverse_kl_estimate
 from trainer.export import export_checkpoint
 from trainer.gpu_monitor import GpuMonitor
 from trainer.objective import select_scores
-from trainer.roles import Roles, check_paths, load_tokenizers, start_learners, start_rollout, start_teacher
+from trainer.roles import Roles, check_context, check_paths, load_tokenizers, start_learners, start_rollout, start_teacher
 from trainer.sync import WeightSync
 from trainer.tracking import MetricsLog, finish_wandb, start_wandb
 
@@ -271,6 +271,8 @@ def train(cfg: RunConfig, hooks: Optional[Hooks] = None) -> dict:
     check_paths(cfg)
     tokenizer = load_tokenizers(cfg)
     data = load_data(cfg, tokenizer)
+    check_context(cfg, {"data.prompts": data.train.prompts, **({"data.eval_prompts": data.eval.prompts} if data.eval else {})},
+                  max(map(len, data.pretrain.windows)) if data.pretrain is not None else 0)
 
     out_dir = Path(cfg.output_dir)
     resume_from = find_resume(cfg, out_dir)

@@ -9,7 +9,7 @@ from typing import Optional
 
 import ray
 
-from launch.config import RunConfig, resolve_path
+from launch.config import ConfigError, RunConfig, resolve_path
 from launch.placement import RolePlacement
 from rollout.worker import RolloutWorkerActor
 from trainer.learner import Learner, node_address
@@ -58,6 +58,33 @@ def check_paths(cfg: RunConfig) -> None:
         path = Path(resolve_path(value))
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{key}={value!r}: no config.json in {path}; give a Hugging Face model folder")
+
+
+def max_context(model_dir: str) -> Optional[int]:
+    from transformers import AutoConfig
+    return getattr(AutoConfig.from_pretrained(model_dir).get_text_config(), "max_position_embeddings", None)
+
+
+def check_context(cfg: RunConfig, prompt_sets: dict[str, list[list[int]]], pretrain_len: int = 0) -> None:
+    """Fail before Ray starts if the longest prompt plus rollout.max_new_tokens (or the longest pretraining window,
+    `pretrain_len`) would not fit the student's or the teacher's context: otherwise the first step finds out,
+    after every role started."""
+    models = {"student": cfg.model.student}
+    if cfg.teacher.backend == "ray":
+        models["teacher"] = cfg.model.teacher
+    for who, path in models.items():
+        limit = max_context(resolve_path(path))
+        if limit is None:
+            continue
+        for source, prompts in prompt_sets.items():
+            longest = max((len(p) for p in prompts), default=0)
+            if longest + cfg.rollout.max_new_tokens > limit:
+                raise ConfigError(f"{source}: a prompt of {longest} tokens + rollout.max_new_tokens={cfg.rollout.max_new_tokens} "
+                                  f"exceeds the {who}'s context of {limit} tokens; lower data.max_prompt_len or "
+                                  f"rollout.max_new_tokens")
+        if who == "student" and pretrain_len > limit:  # L_PT runs on the student alone
+            raise ConfigError(f"data.pretrain: windows of {pretrain_len} tokens exceed the student's context of {limit} "
+                              f"tokens; set data.pretrain_max_len <= {limit}")
 
 
 def start_learners(cfg: RunConfig, placement: RolePlacement) -> list:
