@@ -259,6 +259,10 @@ class ObjectiveConfig:
     single_step (bool, *optional*, defaults to True): MiniLLM single-step decomposition.
     pt_weight (float, *optional*, defaults to 0.0): weight of the L_PT language-modelling loss
         (needs `data.pretrain`).
+    pt_kd_ratio (float, *optional*, defaults to 0.0): the official MiniLLM code's `--kd-ratio`: the
+        pretraining term becomes `(1 - r) L_PT + r KD`, KD the token-level forward KL from the teacher on the
+        same pretraining windows (the code's teacher-student cross-entropy, same gradient). Needs
+        `pt_weight > 0` and the teacher's distribution (`teacher.return_full` or `teacher.topk > 0`).
     """
 
     name: Literal["minillm", "gkd", "forward_kl", "reverse_kl", "tvd", "skew_kl", "skew_rkl", "akl"] = "minillm"
@@ -277,6 +281,7 @@ class ObjectiveConfig:
     importance: Literal["token", "sequence"] = "token"
     single_step: bool = True
     pt_weight: float = 0.0
+    pt_kd_ratio: float = 0.0
 
     def validate(self) -> None:
         _in_range("objective.lam", self.lam, 0.0, 1.0)
@@ -288,6 +293,14 @@ class ObjectiveConfig:
             _in_range("objective.clip_eps", self.clip_eps, 0.0, None, low_open=True)
         _in_range("objective.gamma", self.gamma, 0.0, 1.0)
         _in_range("objective.pt_weight", self.pt_weight, 0.0, None)
+        _in_range("objective.pt_kd_ratio", self.pt_kd_ratio, 0.0, 1.0)
+        if self.pt_kd_ratio > 0 and self.pt_weight == 0:
+            raise ConfigError(f"objective.pt_kd_ratio={self.pt_kd_ratio} mixes KD into the pretraining term, which is "
+                              f"off: set objective.pt_weight > 0 (and data.pretrain), or pt_kd_ratio=0")
+
+    def needs_teacher_distribution(self) -> bool:
+        """Whether the loss reads the teacher's distribution (top-k or full), not only its sampled-token log-probs."""
+        return self.name != "minillm" or self.single_step or self.pt_kd_ratio > 0
         _positive("objective.ppo_epochs", self.ppo_epochs)
 
 
@@ -449,6 +462,11 @@ class RunConfig:
             raise ConfigError("objective.temperature != 1 needs the teacher's top-k log-probs at that temperature; "
                               "vLLM's prompt_logprobs come from raw logits: use teacher.backend=ray or http, or "
                               "objective.temperature=1.0")
+        if self.objective.needs_teacher_distribution() and not (self.teacher.return_full or self.teacher.topk > 0):
+            what = (f"objective.name={self.objective.name}" if self.objective.name != "minillm" else
+                    "objective.single_step=true" if self.objective.single_step else "objective.pt_kd_ratio > 0")
+            raise ConfigError(f"{what} needs the teacher's distribution: set teacher.return_full=true (backend ray) "
+                              f"or teacher.topk > 0")
         if self.teacher.backend != "ray" and self.teacher.return_full:
             raise ConfigError(f"teacher.return_full is only served by teacher.backend=ray; "
                               f"set teacher.return_full=false and teacher.topk>0 for {self.teacher.backend!r}")

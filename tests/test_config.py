@@ -66,6 +66,20 @@ def test_cross_field_rules():
                        "teacher.return_full=false", "teacher.topk=20"])  # a scorer of ours tempers its top-k
     with pytest.raises(ConfigError, match="data.pretrain_max_len must be >= 2"):
         load_config(None, ["data.pretrain_max_len=1"])
+    with pytest.raises(ConfigError, match="pt_kd_ratio=0.5 mixes KD into the pretraining term, which is off"):
+        load_config(None, ["objective.pt_kd_ratio=0.5"])
+    with pytest.raises(ConfigError, match=r"objective.pt_kd_ratio must be in \[0.0, 1.0\]"):
+        load_config(None, ["objective.pt_kd_ratio=1.5"])
+    # a loss that reads the teacher's distribution with a teacher asked for the sampled token only
+    only_token = ["teacher.return_full=false", "teacher.topk=0"]
+    for what, extra in [("objective.name=gkd", ["objective.name=gkd"]),
+                        ("objective.single_step=true", []),
+                        ("objective.pt_kd_ratio > 0", ["objective.single_step=false", "objective.pt_weight=1",
+                                                       "data.pretrain=builtin:corpus/pretrain.jsonl",
+                                                       "objective.pt_kd_ratio=0.5"])]:
+        with pytest.raises(ConfigError, match=f"{what} needs the teacher's distribution"):
+            load_config(None, only_token + extra)
+    load_config(None, only_token + ["objective.single_step=false"])  # MiniLLM's policy gradient alone: token log-probs
     with pytest.raises(ConfigError, match="sleep_mode is a vLLM feature"):
         load_config(None, ["rollout.sleep_mode=true"])
     with pytest.raises(ConfigError, match="weight_sync=cuda_ipc is for vLLM workers"):

@@ -11,6 +11,8 @@ import torch
 from launch.config import load_config
 from trainer.loop import Hooks, train
 
+from pretrain_reference import first_step_pretrain_losses  # tests/
+
 FAST = ["trainer.steps=3", "rollout.prompts_per_step=8", "rollout.max_new_tokens=8", "data.num_eval_prompts=4",
         "rollout.num_cpus=1", "teacher.num_cpus=1", "trainer.num_cpus=1", "trainer.warmup_steps=0"]
 
@@ -143,10 +145,14 @@ def test_a_teacher_with_more_embedding_rows_trains(local_ray, tmp_path, objectiv
 
 @pytest.mark.slow
 def test_teacher_mixed_sampling_and_pretraining_loss_in_the_loop(local_ray, tmp_path):
-    """MiniLLM with α=0.2 samples mixed batches (importance weights ≠ 1) and adds L_PT on the corpus."""
+    """MiniLLM with α=0.2 samples mixed batches (importance weights ≠ 1) and adds L_PT on the corpus, mixed with
+    KD from the teacher on the same windows (objective.pt_kd_ratio, the code's --kd-ratio). The first step's
+    pretraining figures (taken before its update) equal a direct fp64 computation with the initial models on
+    the windows the seeded pretraining order serves first."""
     cfg = load_config(None, [o for o in FAST if not o.startswith("trainer.steps")] + [
-        "trainer.steps=2", "rollout.mix_alpha=0.2", "objective.pt_weight=0.5",
-        "data.pretrain=builtin:corpus/pretrain.jsonl", "data.eval_prompts=null", f"output_dir={tmp_path}"])
+        "trainer.steps=2", "rollout.mix_alpha=0.2", "objective.pt_weight=0.5", "objective.pt_kd_ratio=0.25",
+        "data.pretrain=builtin:corpus/pretrain.jsonl", "data.pretrain_max_len=24", "data.eval_prompts=null",
+        f"output_dir={tmp_path}"])
     batches = []
     train(cfg, Hooks(progress=False, on_batch=lambda step, b: batches.append(b)))
     assert [(b.source, b.mix_alpha) for b in batches] == [("mixed", 0.2), ("mixed", 0.2)]
@@ -155,6 +161,12 @@ def test_teacher_mixed_sampling_and_pretraining_loss_in_the_loop(local_ray, tmp_
         assert math.isfinite(r["loss/pt_loss"]) and r["loss/pt_loss"] > 0
         # q/p̃ differs from 1 wherever teacher and student disagree
         assert abs(r["train/importance_weight"] - 1.0) > 1e-3
+
+    nll, kl = first_step_pretrain_losses(cfg)
+    first = rows[0]
+    assert first["loss/pt_lm_loss"] == pytest.approx(nll, rel=1e-4)
+    assert first["loss/pt_kd_loss"] == pytest.approx(kl, rel=1e-4)
+    assert first["loss/pt_loss"] == pytest.approx(0.75 * nll + 0.25 * kl, rel=1e-4)
 
 
 def test_bad_inputs_fail_before_any_actor_starts(tmp_path):

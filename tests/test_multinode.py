@@ -13,6 +13,8 @@ from launch.config import load_config, resolve_path
 from minillm.gkd import OnPolicyMixer
 from trainer.loop import Hooks, train
 
+from pretrain_reference import first_step_pretrain_losses  # tests/
+
 COMMON = ["trainer.num_ranks=2", "trainer.num_cpus=1", "rollout.num_cpus=1", "teacher.num_cpus=1",
           "cluster.spread_roles=true", "rollout.prompts_per_step=6", "rollout.max_new_tokens=6",
           "data.eval_prompts=null", "trainer.warmup_steps=0", "teacher.return_full=true"]
@@ -121,13 +123,19 @@ def test_gkd_two_nodes_two_ranks(two_nodes, tmp_path, zero_stage, lam, sync):
 
 @pytest.mark.slow
 def test_minillm_zero3_uneven_micro_batches_with_pretraining_loss(two_nodes, tmp_path):
-    """ZeRO-3 forwards are collective: ranks with fewer micro-batches (and L_PT slots) must still keep step."""
+    """ZeRO-3 forwards are collective: ranks with fewer micro-batches (and L_PT slots) must still keep step. The
+    pretraining windows and the teacher's scores of them (objective.pt_kd_ratio) are sharded over the two ranks:
+    the first step's figures still equal the direct computation on the whole batch."""
     cfg = load_config(None, COMMON + ["trainer.zero_stage=3", "trainer.steps=3", f"output_dir={tmp_path}",
                                       "trainer.micro_batch_tokens=20", "rollout.prompts_per_step=5",
-                                      "objective.pt_weight=0.5", "data.pretrain=builtin:corpus/pretrain.jsonl"])
+                                      "objective.pt_weight=0.5", "data.pretrain=builtin:corpus/pretrain.jsonl",
+                                      "objective.pt_kd_ratio=0.5", "data.pretrain_max_len=16"])
     record = []
     _run(cfg, record)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3
     for r in rows:
         assert math.isfinite(r["loss/loss"]) and math.isfinite(r["loss/pt_loss"]) and r["train/grad_norm"] > 0
+    nll, kl = first_step_pretrain_losses(cfg)
+    assert rows[0]["loss/pt_lm_loss"] == pytest.approx(nll, rel=1e-4)
+    assert rows[0]["loss/pt_kd_loss"] == pytest.approx(kl, rel=1e-4)

@@ -124,7 +124,8 @@ class Learner:
     # ---- training -------------------------------------------------------------------------
 
     def train_step(self, batch: RolloutBatch, scores: Optional[TeacherScores], global_tokens: int,
-                   pretrain: Optional[RolloutBatch] = None, global_pretrain_tokens: int = 0) -> dict:
+                   pretrain: Optional[RolloutBatch] = None, global_pretrain_tokens: int = 0,
+                   pretrain_scores: Optional[TeacherScores] = None) -> dict:
         """One rollout's worth of updates (objective.ppo_epochs optimizer steps).
 
         Returns {"sums": token-weighted metric sums of the first epoch, "tokens", the first epoch's
@@ -160,9 +161,15 @@ class Learner:
                     loss = loss + self._dummy_loss()
                 if self.obj.pt_weight > 0:  # every rank runs an L_PT forward in every slot (ZeRO-3)
                     if i < len(pt_groups):
-                        pt_loss = lm_batch_loss(self.engine, pretrain.select(pt_groups[i]), global_pretrain_tokens)
+                        pt_mb = pretrain.select(pt_groups[i])
+                        pt_loss, pt_metrics = lm_batch_loss(
+                            self.engine, pt_mb, global_pretrain_tokens, kd_ratio=self.obj.pt_kd_ratio,
+                            scores=select_scores(pretrain_scores, pt_groups[i], pt_mb.max_response_len))
                         if epoch == 0:  # this rank's share of the global mean: scale like the rest
-                            sums["pt_loss"] = sums.get("pt_loss", 0.0) + float(pt_loss.detach()) * global_tokens
+                            names = {"pt_loss": "pt_loss", "lm_loss": "pt_lm_loss", "kd_loss": "pt_kd_loss"}
+                            for k, v in pt_metrics.items():
+                                if k == "pt_loss" or self.obj.pt_kd_ratio > 0:  # without KD: one figure
+                                    sums[names[k]] = sums.get(names[k], 0.0) + v * global_tokens
                     else:
                         pt_loss = self._dummy_loss()
                     loss = loss + self.obj.pt_weight * pt_loss

@@ -139,9 +139,11 @@ def overlaps_scoring(cfg: RunConfig, workers: list) -> bool:
     return cfg.teacher.overlap and len(workers) > 1 and not cfg.rollout.sleep_mode
 
 
-def train_on(learners: list, batch: RolloutBatch, scores, pretrain: Optional[RolloutBatch]) -> dict:
+def train_on(learners: list, batch: RolloutBatch, scores, pretrain: Optional[RolloutBatch],
+             pretrain_scores: Optional[TeacherScores] = None) -> dict:
     """Shard rows over learner ranks (balanced by tokens) and run one update; returns merged metrics.
-    scores: TeacherScores, or (one rank) an ObjectRef of them from `score_for_update`."""
+    scores: TeacherScores, or (one rank) an ObjectRef of them from `score_for_update`; pretrain_scores: the
+    teacher's on the pretraining batch (objective.pt_kd_ratio > 0)."""
     n_ranks = len(learners)
     if isinstance(scores, ray.ObjectRef) and n_ranks != 1:
         raise ValueError(f"train_on: scores as an ObjectRef are for one learner rank, got {n_ranks}")
@@ -156,7 +158,8 @@ def train_on(learners: list, batch: RolloutBatch, scores, pretrain: Optional[Rol
         # one rank takes every row in order: a ref passes as it is (Ray resolves it in the learner)
         shard_scores = scores if isinstance(scores, ray.ObjectRef) else select_scores(scores, rows, shard.max_response_len)
         pt = pretrain.select(pt_rows.tolist()) if pretrain is not None and len(pt_rows) else None
-        refs.append(learners[rank].train_step.remote(shard, shard_scores, global_tokens, pt, pt_tokens))
+        pt_scores = select_scores(pretrain_scores, pt_rows.tolist(), pt.max_response_len) if pt is not None else None
+        refs.append(learners[rank].train_step.remote(shard, shard_scores, global_tokens, pt, pt_tokens, pt_scores))
     outs = ray.get(refs)
     keys = sorted(set().union(*(o["sums"] for o in outs)))  # a rank with no rows reports nothing
     metrics = {k: sum(o["sums"].get(k, 0.0) for o in outs) / max(global_tokens, 1) for k in keys}
@@ -407,12 +410,16 @@ def _run(cfg: RunConfig, roles: Roles, tokenizer, data: Datasets, out_dir: Path,
         else:
             teacher_logprobs = scores.token_logprobs
 
-        pretrain = None
+        pretrain, pretrain_scores = None, None
         if pretrain_data is not None:
             pretrain = pretrain_data.next_batch(cfg.rollout.prompts_per_step, tokenizer.pad_token_id)
+            if cfg.objective.pt_kd_ratio > 0:  # the code's --kd-ratio: the teacher scores the pretraining text too
+                t0 = time.perf_counter()
+                pretrain_scores = score(roles.teacher, pretrain, cfg)
+                timings["time/score"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        metrics = train_on(roles.learners, batch, scores, pretrain)
+        metrics = train_on(roles.learners, batch, scores, pretrain, pretrain_scores)
         timings["time/train"] = time.perf_counter() - t0
         gpu_stats.update(gpu.lap("train"))
 

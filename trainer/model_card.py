@@ -27,7 +27,7 @@ _OBJECTIVES = {
 # (section, key) pairs shown as hyper-parameters, when present in the config.
 _HPARAMS = [
     ("objective", "name"), ("objective", "lam"), ("objective", "beta"), ("objective", "temperature"),
-    ("objective", "clip_eps"), ("objective", "ppo_epochs"), ("objective", "pt_weight"),
+    ("objective", "clip_eps"), ("objective", "ppo_epochs"), ("objective", "pt_weight"), ("objective", "pt_kd_ratio"),
     ("rollout", "mix_alpha"), ("rollout", "temperature"), ("rollout", "max_new_tokens"),
     ("rollout", "prompts_per_step"), ("rollout", "n_samples"), ("trainer", "steps"), ("trainer", "lr"), ("trainer", "lr_schedule"),
     ("trainer", "warmup_steps"), ("trainer", "weight_decay"), ("trainer", "grad_clip"),

@@ -7,7 +7,7 @@ import torch
 
 from launch.config import ObjectiveConfig
 from minillm.divergences import token_divergence
-from minillm.policy_gradient import lm_loss, minillm_loss
+from minillm.policy_gradient import minillm_loss, pt_loss_with_kd
 from minillm.reduce import masked_mean
 from rollout.forward import response_logits
 from rollout.types import RolloutBatch
@@ -80,8 +80,14 @@ def objective_loss(model, batch: RolloutBatch, scores: TeacherScores, cfg: Objec
     return loss, {"loss": float(masked_mean(per_token.detach(), mask)), "divergence": float(masked_mean(per_token.detach(), mask))}
 
 
-def lm_batch_loss(model, batch: RolloutBatch, global_tokens: int) -> torch.Tensor:
-    """MiniLLM's L_PT: next-token NLL on pretraining text (its "response" part), share of the global mean."""
+def lm_batch_loss(model, batch: RolloutBatch, global_tokens: int, scores: Optional[TeacherScores] = None,
+                  kd_ratio: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """MiniLLM's L_PT: next-token NLL on pretraining text (its "response" part), share of the global mean;
+    with `kd_ratio` > 0 mixed with the forward KL from the teacher's `scores` on the same tokens (the code's
+    `--kd-ratio`). Metrics are the same shares (the driver adds them over micro-batches and ranks)."""
     logits = response_logits(model, batch)
     mask = batch.response_mask().to(logits.device)
-    return lm_loss(logits, batch.response_tokens().to(logits.device), mask, num_tokens=max(global_tokens, 1))
+    teacher = teacher_kwargs(scores, logits.device) if kd_ratio > 0 else {}
+    loss, metrics = pt_loss_with_kd(logits, batch.response_tokens().to(logits.device), mask, kd_ratio=kd_ratio,
+                                    num_tokens=max(global_tokens, 1), **teacher)
+    return loss, {k: float(v) for k, v in metrics.items()}
