@@ -122,7 +122,7 @@ def test_metrics_over_micro_batches_equal_the_whole_batch_loss(roles):
     cfg, _, workers, teacher = roles
     small = load_config(None, ["trainer.micro_batch_tokens=12", "trainer.warmup_steps=0", "trainer.num_cpus=1",
                                "objective.ppo_epochs=2",
-                               "rollout.num_cpus=1", "teacher.backend=http", "teacher.url=x", "teacher.return_full=false"])
+                               "rollout.num_cpus=1", "teacher.backend=http", "teacher.url=x", "teacher.return_full=false", "teacher.topk=8"])
     placement = create_placement(small)
     try:
         learner = start_learners(small, placement["learner"])
@@ -148,7 +148,7 @@ def test_bf16_learner_starts_with_a_fresh_adam_state(roles):
     learner must undo that, so the first update is Adam's step 1, as in fp32 runs (and as TRL's)."""
     cfg, _, workers, teacher = roles
     base = load_config(None, ["trainer.zero_stage=0", "trainer.warmup_steps=0", "trainer.num_cpus=1", "rollout.num_cpus=1",
-                              "teacher.backend=http", "teacher.url=x", "teacher.return_full=false"])
+                              "teacher.backend=http", "teacher.url=x", "teacher.return_full=false", "teacher.topk=8"])
     # the config reserves bf16 for GPU runs; DeepSpeed's CPU accelerator takes the same bf16 ZeRO-0 path
     bf16 = dataclasses.replace(base, trainer=dataclasses.replace(base.trainer, bf16=True),
                                model=dataclasses.replace(base.model, dtype="bfloat16"))
@@ -168,7 +168,7 @@ def test_bf16_learner_starts_with_a_fresh_adam_state(roles):
 
 def _start(overrides):
     cfg = load_config(None, ["trainer.num_cpus=1", "rollout.num_cpus=1", "teacher.backend=http", "teacher.url=x",
-                             "teacher.return_full=false", *overrides])
+                             "teacher.return_full=false", "teacher.topk=8", *overrides])
     placement = create_placement(cfg)
     return start_learners(cfg, placement["learner"]), placement
 
@@ -251,3 +251,33 @@ def test_student_from_config_is_the_seeded_random_init(roles):
     for k in got:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
     assert any(not torch.equal(got[k], trained[k]) for k in trained if k in got)
+
+
+def test_a_rank_without_rows_still_takes_part_in_the_update(roles):
+    """More learner ranks than rows (here 2 ranks, 1 row of rollout and 1 pretraining window): the rank without
+    rows must still run its forwards and collectives, or the other waits forever. The update equals one rank's
+    on the same row."""
+    import threading
+
+    cfg, _, workers, teacher = roles
+    batch = generate(workers, _prompts()[:1], SamplingSettings(max_new_tokens=5, eos_token_id=2, seed=4))
+    scores = score(teacher, batch, cfg)
+    pretrain = batch.select([0])  # any text serves as L_PT data here
+    common = ["trainer.lr=1e-3", "trainer.warmup_steps=0", "objective.pt_weight=0.5",
+              "data.pretrain=builtin:corpus/pretrain.jsonl"]
+    weights = {}
+    for name, extra in {"one_rank": [], "two_ranks": ["trainer.num_ranks=2", "trainer.zero_stage=1"]}.items():
+        learner, placement = _start(common + extra)
+        try:
+            done = {}
+            thread = threading.Thread(target=lambda: done.update(m=train_on(learner, batch, scores, pretrain)), daemon=True)
+            thread.start()
+            thread.join(timeout=180)
+            assert "m" in done, f"{name}: the update did not finish (a rank left out of the step)"
+            weights[name] = ray.get(learner[0].state_dict_cpu.remote())
+        finally:
+            for lr in learner:
+                ray.kill(lr)
+            release(placement)
+    for k, ref in weights["one_rank"].items():
+        torch.testing.assert_close(weights["two_ranks"][k], ref, rtol=0, atol=2e-6, msg=k)

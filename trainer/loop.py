@@ -147,14 +147,20 @@ def train_on(learners: list, batch: RolloutBatch, scores, pretrain: Optional[Rol
     n_ranks = len(learners)
     if isinstance(scores, ray.ObjectRef) and n_ranks != 1:
         raise ValueError(f"train_on: scores as an ObjectRef are for one learner rank, got {n_ranks}")
-    shards = balance_rows(batch.prompt_lens + batch.response_lens, n_ranks)
+    # every rank takes part in every step (its collectives wait for the others), with no rows if there are fewer
+    # rows than ranks: balance_rows leaves those groups out
+    def rows_per_rank(total_lens):
+        parts = balance_rows(total_lens, n_ranks)
+        return parts + [torch.zeros(0, dtype=torch.long)] * (n_ranks - len(parts))
+
+    shards = rows_per_rank(batch.prompt_lens + batch.response_lens)
     global_tokens = int(batch.response_lens.sum())
-    pt_shards = balance_rows(pretrain.prompt_lens + pretrain.response_lens, n_ranks) if pretrain is not None else [None] * n_ranks
+    pt_shards = rows_per_rank(pretrain.prompt_lens + pretrain.response_lens) if pretrain is not None else [None] * n_ranks
     pt_tokens = int(pretrain.response_lens.sum()) if pretrain is not None else 0
     refs = []
     for rank, (rows, pt_rows) in enumerate(zip(shards, pt_shards)):
         rows = rows.tolist()
-        shard = batch.select(rows) if rows else batch.select([])
+        shard = batch.select(rows)
         # one rank takes every row in order: a ref passes as it is (Ray resolves it in the learner)
         shard_scores = scores if isinstance(scores, ray.ObjectRef) else select_scores(scores, rows, shard.max_response_len)
         pt = pretrain.select(pt_rows.tolist()) if pretrain is not None and len(pt_rows) else None
