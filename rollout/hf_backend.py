@@ -22,6 +22,14 @@ def _truncate_at_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
     return out
 
 
+def _scalar_pad_id(config) -> int:
+    """The id to pad rows with: the config's pad id, else its (first) EOS id (Llama 3 lists several), else 0."""
+    pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+    if isinstance(pad, (list, tuple)):
+        pad = pad[0] if pad else None
+    return pad if pad is not None else 0
+
+
 class HFRolloutBackend:
     """Samples with `model.generate`, then recomputes the sampled tokens' log-probs with one forward.
 
@@ -30,21 +38,29 @@ class HFRolloutBackend:
     """
 
     def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu",
-                 teacher_path: Optional[str] = None, teacher_dtype: Optional[str] = None):
+                 teacher_path: Optional[str] = None, teacher_dtype: Optional[str] = None,
+                 vocab_size: Optional[int] = None):
         """teacher_path: a teacher checkpoint for teacher-mixed sampling (`SamplingSettings.mix_alpha` > 0),
-        loaded on the same device in `teacher_dtype` (defaults to `dtype`). None: student only."""
-        from transformers import AutoModelForCausalLM
-
+        loaded on the same device in `teacher_dtype` (defaults to `dtype`). None: student only.
+        vocab_size: sample only ids below it (a teacher sampling for a student with fewer embedding rows)."""
         self.device = torch.device(device)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device)
-        self.model.eval()
-        cfg = self.model.config
-        self.pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or 0)
+        self.model = self._load(model_path, getattr(torch, dtype))
+        self.pad_token_id = _scalar_pad_id(self.model.config)
+        own = self.model.get_output_embeddings().weight.shape[0]
+        self.suppressed = list(range(vocab_size, own)) if vocab_size is not None and vocab_size < own else None
         self.teacher = None
         if teacher_path is not None:
-            self.teacher = AutoModelForCausalLM.from_pretrained(
-                teacher_path, dtype=getattr(torch, teacher_dtype or dtype)).to(self.device)
-            self.teacher.eval()
+            self.teacher = self._load(teacher_path, getattr(torch, teacher_dtype or dtype))
+
+    def _load(self, path: str, dtype: torch.dtype):
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        # `generate` fills every setting we leave unset from the folder's generation_config.json (Qwen2.5-Instruct's
+        # has repetition_penalty=1.1, top_k=20, top_p=0.8): samples would then not follow q, whose raw log-probs the
+        # policy gradient uses. Sampling is fully described by SamplingSettings.
+        model.generation_config = GenerationConfig()
+        return model
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> RolloutBatch:
@@ -75,7 +91,8 @@ class HFRolloutBackend:
         from transformers import GenerationConfig
         gen_cfg = GenerationConfig(do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
                                    top_k=settings.top_k, max_new_tokens=settings.max_new_tokens,
-                                   eos_token_id=sorted(stop) or None, pad_token_id=self.pad_token_id)
+                                   eos_token_id=sorted(stop) or None, pad_token_id=self.pad_token_id,
+                                   suppress_tokens=self.suppressed)
         out = self.model.generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
                                   generation_config=gen_cfg)
         gen = out[:, width:].tolist()

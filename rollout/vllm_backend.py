@@ -76,8 +76,9 @@ def _vocab_mask(own: int, common: int) -> Optional[dict[int, float]]:
     if own <= common:
         return None
     if own - common > _MAX_MASKED_IDS:
-        raise ValueError(f"rollout: student and teacher vocabularies differ by {own - common} ids (> {_MAX_MASKED_IDS}); "
-                         "teacher-mixed sampling needs (nearly) the same vocabulary")
+        raise ValueError(f"rollout: student and teacher vocabularies differ by {own - common} ids (> {_MAX_MASKED_IDS}, "
+                         "what vLLM's logit_bias can forbid); sampling from one for the other needs (nearly) the "
+                         "same vocabulary")
     return {i: float("-inf") for i in range(common, own)}
 
 
@@ -105,7 +106,9 @@ class VllmRolloutBackend:
     def __init__(self, model_path: str, dtype: str = "bfloat16", tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.3, enforce_eager: bool = False, sleep_mode: bool = False,
                  seed: int = 0, teacher_path: Optional[str] = None, teacher_gpu_memory_utilization: float = 0.35,
-                 teacher_dtype: Optional[str] = None, max_model_len: Optional[int] = None):
+                 teacher_dtype: Optional[str] = None, max_model_len: Optional[int] = None,
+                 vocab_size: Optional[int] = None):
+        """vocab_size: sample only ids below it (a teacher sampling for a student with fewer embedding rows)."""
         import vllm.envs as envs
         from vllm import LLM
 
@@ -126,6 +129,7 @@ class VllmRolloutBackend:
         self.max_model_len = int(self.llm.model_config.max_model_len)
         self.teacher = None
         self._student_mask = self._teacher_mask = None
+        self._own_mask = _vocab_mask(self.llm.model_config.get_vocab_size(), vocab_size) if vocab_size else None
         # mixed sampling: both engines see every prefix, and the student rescores the rows (one free slot)
         self._mixed_max_len = self.max_model_len - 1
         if teacher_path is not None:
@@ -165,7 +169,8 @@ class VllmRolloutBackend:
         # One request per prompt with n samples; distinct seeds per prompt (vLLM gives child j seed + j,
         # `vllm.v1.engine.parallel_sampling.ParentRequest`).
         params = [_sampling_params(settings, settings.max_new_tokens, stop,
-                                   None if settings.seed is None else rng.randrange(2**31), n=settings.n)
+                                   None if settings.seed is None else rng.randrange(2**31), n=settings.n,
+                                   logit_bias=self._own_mask)
                   for _ in prompts]
         outs = self.llm.generate([_tokens_prompt(p) for p in prompts], params, use_tqdm=False)
         expanded, responses, logprobs = [], [], []

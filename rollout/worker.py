@@ -31,7 +31,8 @@ class RolloutWorker:
         if backend == "hf":
             from rollout.hf_backend import HFRolloutBackend
             self.backend = HFRolloutBackend(model_path, dtype=dtype, device=device, teacher_path=teacher_path,
-                                            teacher_dtype=backend_kwargs.pop("teacher_dtype", None))
+                                            teacher_dtype=backend_kwargs.pop("teacher_dtype", None),
+                                            vocab_size=backend_kwargs.pop("vocab_size", None))
         elif backend == "vllm":
             from rollout.vllm_backend import VllmRolloutBackend
             self.backend = VllmRolloutBackend(model_path, dtype=dtype, teacher_path=teacher_path, **backend_kwargs)

@@ -117,11 +117,13 @@ def test_sequence_level_kd_trains_on_teacher_samples(local_ray, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", [["objective.name=gkd"],  # full distributions
-                                       ["teacher.return_full=false", "teacher.topk=8", "rollout.mix_alpha=0.2"]])
+                                       ["teacher.return_full=false", "teacher.topk=8", "rollout.mix_alpha=0.2"],
+                                       ["objective.name=forward_kl", "objective.lam=0", "objective.seq_kd=true"]])
 def test_a_teacher_with_more_embedding_rows_trains(local_ray, tmp_path, objective):
     """Teacher and student of one family differ in embedding padding (Qwen2.5-7B: 152064 rows, 0.5B: 151936).
     Here the teacher has 16 extra rows with large random weights, which no token id reaches: the run
-    trains on the student's ids (before, the full form failed on shape and top-k ids ran past the student)."""
+    trains on the student's ids (before, the full form failed on shape and top-k ids ran past the student).
+    Sequence-level KD samples from the teacher: only the student's ids (before, it drew the padding rows)."""
     import shutil
 
     from transformers import AutoModelForCausalLM
@@ -139,8 +141,12 @@ def test_a_teacher_with_more_embedding_rows_trains(local_ray, tmp_path, objectiv
     cfg = load_config(None, [o for o in FAST if not o.startswith("trainer.steps")] + [
         "trainer.steps=2", f"model.teacher={teacher_dir}", "data.eval_prompts=null", f"output_dir={tmp_path / 'run'}",
         *objective])
-    train(cfg, Hooks(progress=False))
+    batches = []
+    train(cfg, Hooks(progress=False, on_batch=lambda step, b: batches.append(b)))
     assert all(math.isfinite(r["loss/loss"]) for r in _metrics(tmp_path / "run"))
+    assert all(int(b.sequences.max()) < V for b in batches)
+    if "objective.seq_kd=true" in objective:
+        assert [b.source for b in batches] == ["teacher", "teacher"]
 
 
 @pytest.mark.slow

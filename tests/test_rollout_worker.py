@@ -126,3 +126,49 @@ def test_update_weights_from_buckets_of_another_model(worker, paths):
     after = ray.get(worker.logprobs.remote(batch))
     torch.testing.assert_close(after, reference_logprobs(paths[1], batch), atol=5e-5, rtol=0)  # float32 rollout vs float64 reference
     assert (after - reference_logprobs(paths[0], batch)).abs().max() > 0.1  # the weights really changed
+
+
+def test_model_folder_sampling_defaults_do_not_change_the_policy(tmp_path, paths):
+    """A folder's generation_config.json (Qwen2.5-Instruct: repetition_penalty=1.1, top_k=20, top_p=0.8) must not
+    reach the rollout: samples follow q exactly, as the policy gradient's raw log q assumes. Same weights and seed
+    with and without such defaults (here extreme ones): the same tokens."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    biased = tmp_path / "biased"
+    shutil.copytree(paths[0], biased)
+    GenerationConfig(do_sample=True, repetition_penalty=5.0, top_k=2, top_p=0.3, temperature=0.2, no_repeat_ngram_size=1,
+                     min_new_tokens=8, bad_words_ids=[[5]]).save_pretrained(biased)
+    settings = SamplingSettings(max_new_tokens=8, n=8, seed=3, eos_token_id=EOS)
+    plain = HFRolloutBackend(paths[0]).generate(PROMPTS, settings)
+    with_defaults = HFRolloutBackend(str(biased)).generate(PROMPTS, settings)
+    assert torch.equal(plain.sequences, with_defaults.sequences)
+
+
+def test_a_config_with_several_eos_ids_and_no_pad_token(tmp_path):
+    """Llama 3 folders list several EOS ids and no pad id: rows are padded with the first EOS id."""
+    path = save_random_llama(tmp_path / "llama3_like", 0)
+    cfg = LlamaConfig.from_pretrained(path)
+    cfg.pad_token_id, cfg.eos_token_id = None, [EOS, 3]
+    cfg.save_pretrained(path)
+    backend = HFRolloutBackend(path)
+    assert backend.pad_token_id == EOS
+    batch = backend.generate(PROMPTS, SETTINGS)
+    torch.testing.assert_close(batch.student_logprobs, reference_logprobs(path, batch), atol=5e-5, rtol=0)
+
+
+def test_sampling_restricted_to_a_smaller_vocabulary(tmp_path):
+    """vocab_size: a teacher sampling for a student with fewer embedding rows (sequence-level KD) draws only the
+    student's ids, even where its extra rows carry the largest logits."""
+    model = LlamaForCausalLM.from_pretrained(save_random_llama(tmp_path / "padded", 0))
+    V = model.config.vocab_size
+    model.resize_token_embeddings(V + 8, mean_resizing=False)
+    with torch.no_grad():
+        model.lm_head.weight[V:] = 50.0 * torch.randn(8, model.config.hidden_size)
+    model.save_pretrained(tmp_path / "padded")
+    settings = SamplingSettings(max_new_tokens=8, n=4, seed=0, eos_token_id=EOS)
+    unrestricted = HFRolloutBackend(str(tmp_path / "padded")).generate(PROMPTS, settings)
+    assert int(unrestricted.response_tokens()[unrestricted.response_mask()].max()) >= V  # the rows do get drawn
+    restricted = HFRolloutBackend(str(tmp_path / "padded"), vocab_size=V).generate(PROMPTS, settings)
+    assert int(restricted.response_tokens()[restricted.response_mask()].max()) < V

@@ -280,3 +280,30 @@ def test_mixed_sampling_engines_sleep_and_wake_together(worker, paths):  # worke
         assert_bf16_close(batch.student_logprobs, ref, mask)  # the student engine rescored with the new weights
     finally:
         ray.kill(w)
+
+
+def test_teacher_sampling_restricted_to_the_students_vocabulary(worker, tmp_path):  # worker: the module's cluster
+    """Sequence-level KD: a teacher with more embedding rows (Qwen2.5-7B over 0.5B) samples only the student's
+    ids (logit_bias), even where its extra rows carry the largest logits."""
+    import ray
+
+    from rollout.types import SamplingSettings
+    from rollout.worker import RolloutWorkerActor
+    from transformers import AutoModelForCausalLM
+
+    padded = tmp_path / "padded_teacher"
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(ROOT, "launch/assets/tiny-teacher"))
+    V = model.config.vocab_size
+    model.resize_token_embeddings(V + 16, mean_resizing=False)
+    with torch.no_grad():
+        model.lm_head.weight[V:] = 50.0 * torch.randn(16, model.config.hidden_size)
+    model.to(torch.bfloat16).save_pretrained(padded)
+    w = RolloutWorkerActor.options(num_gpus=0.4).remote(str(padded), backend="vllm", dtype="bfloat16",
+                                                        gpu_memory_utilization=0.15, enforce_eager=True, seed=0,
+                                                        vocab_size=V)
+    try:
+        batch = ray.get(w.generate.remote(PROMPTS, SamplingSettings(max_new_tokens=8, n=4, seed=0, eos_token_id=EOS)))
+        assert int(batch.response_lens.sum()) > 0
+        assert int(batch.response_tokens()[batch.response_mask()].max()) < V
+    finally:
+        ray.kill(w)

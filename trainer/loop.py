@@ -30,7 +30,8 @@ from trainer.evaluate import reverse_kl_estimate
 from trainer.export import export_checkpoint
 from trainer.gpu_monitor import GpuMonitor
 from trainer.objective import select_scores
-from trainer.roles import Roles, check_context, check_paths, load_tokenizers, start_learners, start_rollout, start_teacher
+from trainer.roles import (Roles, check_context, check_paths, load_tokenizers, pad_id, start_learners, start_rollout,
+                           start_teacher)
 from trainer.sync import WeightSync
 from trainer.tracking import MetricsLog, finish_wandb, start_wandb
 
@@ -202,7 +203,7 @@ def generation_config(tokenizer, cfg: RunConfig):
     extra = stop_ids(cfg, tokenizer)
     return GenerationConfig(bos_token_id=tokenizer.bos_token_id,
                             eos_token_id=[tokenizer.eos_token_id, *extra] if extra else tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id, do_sample=True, temperature=cfg.rollout.temperature,
+                            pad_token_id=pad_id(tokenizer), do_sample=True, temperature=cfg.rollout.temperature,
                             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
 
 
@@ -328,7 +329,8 @@ def _start_and_run(cfg: RunConfig, tokenizer, data: Datasets, out_dir: Path, res
         roles.teacher = start_teacher(cfg, placement.get("teacher"))
         roles.rollout = start_rollout(cfg, placement["rollout"], str(init_dir), teacher_path)
         if cfg.objective.seq_kd:
-            roles.teacher_sampler = start_rollout(cfg, placement["teacher_sampler"], resolve_path(cfg.model.teacher))
+            roles.teacher_sampler = start_rollout(cfg, placement["teacher_sampler"], resolve_path(cfg.model.teacher),
+                                                  vocab_size=student_config.vocab_size)
         roles.sync = WeightSync(cfg, learners, roles.rollout)
         if hooks.on_start is not None:
             hooks.on_start(roles)
@@ -387,7 +389,7 @@ def _run(cfg: RunConfig, roles: Roles, tokenizer, data: Datasets, out_dir: Path,
             workers = roles.rollout
         scores = None
         if source == "dataset":
-            batch = RolloutBatch.from_lists(prompts, [train_data.responses[i] for i in idx], tokenizer.pad_token_id,
+            batch = RolloutBatch.from_lists(prompts, [train_data.responses[i] for i in idx], pad_id(tokenizer),
                                             source="dataset")
         elif overlaps_scoring(cfg, workers):
             # time/score is then only the scoring left after the last shard was sampled
@@ -418,7 +420,7 @@ def _run(cfg: RunConfig, roles: Roles, tokenizer, data: Datasets, out_dir: Path,
 
         pretrain, pretrain_scores = None, None
         if pretrain_data is not None:
-            pretrain = pretrain_data.next_batch(cfg.rollout.prompts_per_step, tokenizer.pad_token_id)
+            pretrain = pretrain_data.next_batch(cfg.rollout.prompts_per_step, pad_id(tokenizer))
             if cfg.objective.pt_kd_ratio > 0:  # the code's --kd-ratio: the teacher scores the pretraining text too
                 t0 = time.perf_counter()
                 pretrain_scores = score(roles.teacher, pretrain, cfg)

@@ -29,6 +29,12 @@ class Roles:
 # ---- setup ------------------------------------------------------------------------------------
 
 
+def pad_id(tokenizer) -> int:
+    """The id padded batch rows are filled with (always masked): the tokenizer's pad token, else its EOS (Llama 3
+    has no pad token). The tokenizer itself is left as it is, so the exported student's tokenizer is the original."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def load_tokenizers(cfg: RunConfig):
     """The student's tokenizer, checked against the teacher's (if the teacher folder has one)."""
     from transformers import AutoTokenizer, AutoConfig
@@ -37,8 +43,6 @@ def load_tokenizers(cfg: RunConfig):
 
     student_path = resolve_path(cfg.model.tokenizer or cfg.model.student)
     tok = AutoTokenizer.from_pretrained(student_path)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
     if cfg.teacher.backend == "ray":
         teacher_path = resolve_path(cfg.model.teacher)
         teacher_tok = load_tokenizer_if_present(teacher_path)
@@ -123,11 +127,16 @@ def start_teacher(cfg: RunConfig, placement: Optional[RolePlacement]):
     return VllmServerTeacherClient(t.url, t.served_model_name or cfg.model.teacher, topk=t.topk, vocab_size=student_vocab)
 
 
-def start_rollout(cfg: RunConfig, placement: RolePlacement, model_path: str, teacher_path: Optional[str] = None) -> list:
+def start_rollout(cfg: RunConfig, placement: RolePlacement, model_path: str, teacher_path: Optional[str] = None,
+                  vocab_size: Optional[int] = None) -> list:
+    """Rollout workers for `model_path` (the student, or the teacher for seq_kd); vocab_size: sample only ids below
+    it (the teacher for a student with fewer embedding rows: the learner and the scorer know no other ids)."""
     r = cfg.rollout
     kwargs = dict(backend=r.backend, dtype=cfg.model.dtype, device=cfg.trainer.device, num_threads=r.num_cpus)
     if teacher_path is not None:
         kwargs["teacher_path"] = teacher_path
+    if vocab_size is not None:
+        kwargs["vocab_size"] = vocab_size
     if r.backend == "vllm":
         kwargs.update(tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
                       enforce_eager=r.enforce_eager, sleep_mode=r.sleep_mode)
