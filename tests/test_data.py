@@ -200,3 +200,24 @@ def test_the_student_generation_configs_eos_ids_end_responses(tmp_path):
     cfg = load_config(None, [f"model.student={bare}"])
     assert sampling(cfg, tok, seed=0).stop_token_ids == []
     assert generation_config(tok, cfg).eos_token_id == 2
+
+
+def test_a_tokenizer_without_pad_token_is_left_as_it_is(tmp_path):
+    """Llama 3 tokenizers have no pad token: batches pad with EOS (always masked), and the tokenizer the run
+    saves with its checkpoints and exported student is the original, without an EOS-as-pad it never had."""
+    import shutil
+
+    from launch.config import load_config
+    from trainer.checkpoint import save_student_files
+    from trainer.roles import load_tokenizers, pad_id
+
+    student = tmp_path / "student"
+    shutil.copytree(resolve_path("builtin:tiny-student"), student)
+    original = AutoTokenizer.from_pretrained(TOKENIZER)
+    original.pad_token = None
+    original.save_pretrained(student)
+    tok = load_tokenizers(load_config(None, [f"model.student={student}", f"model.tokenizer={student}"]))
+    assert tok.pad_token_id is None and pad_id(tok) == tok.eos_token_id
+    from transformers import AutoConfig
+    save_student_files(tmp_path / "saved", AutoConfig.from_pretrained(student), None, tok)
+    assert AutoTokenizer.from_pretrained(tmp_path / "saved" / "student").pad_token is None
