@@ -89,6 +89,21 @@ def test_failed_export_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
 
 
+def test_export_never_replaces_the_checkpoint_it_reads(tmp_path):
+    """`minillm export RUN --out RUN --overwrite` would have swapped the whole run (checkpoints included) for the
+    export; an export into the checkpoint is refused too. Both leave every file in place."""
+    model = _tiny(False)
+    c = _checkpoint(tmp_path / "run" / "checkpoints", 1, model)
+    before = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    for target, how in [(tmp_path / "run", "contains"), (tmp_path / "run" / "checkpoints", "contains"),
+                        (c, "contains"), (c / "export", "is inside")]:
+        with pytest.raises(ValueError, match=f"export target .* {how} the checkpoint being exported"):
+            export_checkpoint(tmp_path / "run", target, overwrite=True)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == before
+    assert ckpt.is_complete(c) == (True, "ok")
+    export_checkpoint(tmp_path / "run", tmp_path / "run" / "final")  # beside the checkpoints: fine
+
+
 def test_model_card_content():
     card = model_card.render(STATE, model_name="tiny-gkd")
     front, body = card.split("---\n")[1], card.split("---\n", 2)[2]

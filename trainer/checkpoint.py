@@ -8,8 +8,9 @@ A run's checkpoints live in `<output_dir>/checkpoints/`:
         rng/rank_{r}.pt       torch/python/numpy RNG states of learner rank r (save_rng / load_rng)
         trainer_state.json    step, data position, mixer state, driver RNG, metrics, resolved config
         student/              config.json, generation_config.json, tokenizer files (for export)
-        MANIFEST.json         written last: relative path, size (and sha256 if <= 1 MiB) of every file
-      latest                  text: the dir name of the newest complete checkpoint (os.replace'd)
+        MANIFEST.json         written last: relative path, size and CRC-32 of every file
+      latest                  text: the dir name of the newest complete checkpoint (os.replace'd; for people
+                              and tools: resuming scans the step dirs themselves)
 
 Protocol (the checkpoints dir must be on a filesystem every learner rank sees):
 
@@ -20,9 +21,12 @@ Protocol (the checkpoints dir must be on a filesystem every learner rank sees):
 
 A crash anywhere before `commit` renames the dir leaves only a `.tmp-*` dir, which `find_latest`
 never looks at and the next `begin`/`commit` removes. A crash after the rename but before `latest`
-is replaced leaves a complete `step_*` dir that `find_latest` still finds by scanning.
-Files are fsync'd in `commit` (the writers, torch.save and DeepSpeed, do not), so the manifest
-never describes bytes that are still only in the page cache.
+is replaced leaves a complete `step_*` dir that `find_latest` finds: it scans the step dirs newest
+first and takes the first whose every file has the manifest's size and CRC-32 (a file damaged in place,
+same size, is caught too). Rotation renames a checkpoint to `.tmp-*` before deleting it, so a crash
+mid-delete leaves nothing that looks like a checkpoint. Files are fsync'd in `commit` (the writers,
+torch.save and DeepSpeed, do not), so the manifest never describes bytes that are still only in the
+page cache.
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ import random
 import re
 import shutil
 import warnings
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
@@ -46,7 +52,7 @@ MANIFEST = "MANIFEST.json"
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
 STUDENT_DIR = "student"
-HASH_LIMIT = 2**20  # sha256 only files up to 1 MiB: hashing multi-GB shards would double the save time
+CHUNK = 16 * 2**20  # CRC-32 read size; zlib releases the GIL on large buffers, so files are summed in threads
 TMP_PREFIX = ".tmp-"
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 
@@ -108,22 +114,26 @@ def commit(checkpoints_dir: str | os.PathLike, tmp_dir: str | os.PathLike, step:
 
 
 def _write_manifest(ckpt: Path, step: int) -> None:
-    files = []
-    for p in sorted(ckpt.rglob("*")):
-        if not p.is_file() or p.name == MANIFEST:
-            continue
-        rel = p.relative_to(ckpt).as_posix()
-        size = p.stat().st_size
-        entry: dict[str, Any] = {"path": rel, "size": size}
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())  # the writers (torch.save, DeepSpeed) don't fsync
-            if size <= HASH_LIMIT:
-                entry["sha256"] = hashlib.sha256(f.read()).hexdigest()
-        files.append(entry)
-    for d in {p.parent for p in ckpt.rglob("*") if p.is_file()} | {ckpt}:
+    paths = [p for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        sums = list(pool.map(lambda p: _crc32(p, fsync=True), paths))  # the writers (torch.save, DeepSpeed) don't fsync
+    files = [{"path": p.relative_to(ckpt).as_posix(), "size": size, "crc32": crc} for p, (size, crc) in zip(paths, sums)]
+    for d in {p.parent for p in paths} | {ckpt}:
         _fsync_dir(d)
-    manifest = {"format": 1, "step": step, "files": files}
+    manifest = {"format": 2, "step": step, "files": files}
     _atomic_write_text(ckpt / MANIFEST, json.dumps(manifest, indent=1))
+
+
+def _crc32(path: Path, fsync: bool = False) -> tuple[int, str]:
+    """(size, CRC-32 as 8 hex digits) of a file, read in chunks."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        if fsync:
+            os.fsync(f.fileno())
+        while chunk := f.read(CHUNK):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return size, f"{crc:08x}"
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -158,20 +168,26 @@ def _rotate(root: Path, keep_last: Optional[int], keep: Path) -> None:
     for p in root.iterdir():
         if p.name.startswith(TMP_PREFIX) and p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(f".{LATEST}.tmp-") and p.is_file():  # a pointer write cut short
+            p.unlink(missing_ok=True)
     if keep_last is None:
         return
-    complete = [p for _, p in _step_dirs(root) if p == keep or is_complete(p)[0]]
+    # sizes only here: every commit would otherwise re-read every kept checkpoint
+    complete = [p for _, p in _step_dirs(root) if p == keep or is_complete(p, verify_data=False)[0]]
     # Corrupt step dirs are left alone (find_latest names them); only complete ones count and go.
     for p in complete[:-keep_last]:
         if p != keep:
-            shutil.rmtree(p, ignore_errors=True)
+            # out of sight first: a crash mid-delete must not leave a half checkpoint under a step_ name
+            doomed = root / (TMP_PREFIX + "deleting-" + p.name)
+            os.replace(p, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
 
 # ---- reading ------------------------------------------------------------------------------
 
 
-def is_complete(path: str | os.PathLike) -> tuple[bool, str]:
-    """(True, "ok") if MANIFEST.json exists and every listed file has its size (and small-file hash)."""
+def is_complete(path: str | os.PathLike, verify_data: bool = True) -> tuple[bool, str]:
+    """(True, "ok") if MANIFEST.json exists and every listed file has its size and (verify_data) its CRC-32."""
     ckpt = Path(path)
     mpath = ckpt / MANIFEST
     if not mpath.is_file():
@@ -188,31 +204,29 @@ def is_complete(path: str | os.PathLike) -> tuple[bool, str]:
         size = p.stat().st_size
         if size != entry["size"]:
             return False, f"{entry['path']} has {size} bytes, manifest says {entry['size']}"
-        if "sha256" in entry and hashlib.sha256(p.read_bytes()).hexdigest() != entry["sha256"]:
-            return False, f"{entry['path']} sha256 differs from the manifest"
+    if verify_data:
+        sums = {}
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            for entry, (_, crc) in zip(files, pool.map(lambda e: _crc32(ckpt / e["path"]), files)):
+                sums[entry["path"]] = crc
+        for entry in files:
+            if "crc32" in entry and sums[entry["path"]] != entry["crc32"]:
+                return False, f"{entry['path']} is damaged: its CRC-32 differs from the manifest's"
+            if "sha256" in entry and hashlib.sha256((ckpt / entry["path"]).read_bytes()).hexdigest() != entry["sha256"]:
+                return False, f"{entry['path']} sha256 differs from the manifest"  # format 1 manifests
     return True, "ok"
 
 
 def find_latest(checkpoints_dir: str | os.PathLike) -> Optional[Path]:
     """The newest complete checkpoint, or None.
 
-    Trusts `latest` when the checkpoint it names is complete; otherwise scans `step_*` dirs newest
-    first, warning with the reason for each one skipped. `.tmp-*` dirs are never considered.
+    Scans the `step_*` dirs newest first (not the `latest` pointer, which a crash may leave one
+    checkpoint behind), warning with the reason for each one skipped. `.tmp-*` dirs are never considered.
     """
     root = Path(checkpoints_dir)
     if not root.is_dir():
         return None
-    pointer = root / LATEST
-    named = None
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        ok, reason = is_complete(named)
-        if ok:
-            return named
-        _warn(f"checkpoint {named} named by {pointer} is not usable: {reason}; scanning for an older one")
     for _, p in reversed(_step_dirs(root)):
-        if named is not None and p == named:
-            continue
         ok, reason = is_complete(p)
         if ok:
             return p

@@ -137,6 +137,11 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathL
     """
     src = resolve_checkpoint(checkpoint_dir)
     out = Path(out_dir)
+    source, target = src.resolve(), out.resolve()
+    if target == source or target in source.parents or source in target.parents:
+        # replacing `out` would delete the checkpoint (the whole run, for `--out RUN`) or write into it
+        raise ValueError(f"export target {out} {'contains' if target in source.parents or target == source else 'is inside'} "
+                         f"the checkpoint being exported ({src}); choose a directory outside it")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"export target {out} exists and is not a directory.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
