@@ -304,3 +304,43 @@ def test_resume_under_another_learner_layout_names_the_key(tmp_path):
         resume("trainer.zero_stage=1", "trainer.num_ranks=2")
     with pytest.raises(ConfigError, match=r"trainer.cpu_offload=False \(now True\)"):
         resume("trainer.zero_stage=3", "trainer.num_ranks=2", "trainer.cpu_offload=true")
+
+
+def test_resume_with_other_steps_data_or_settings(tmp_path, caplog):
+    """A checkpoint past trainer.steps, or data of another size (its saved position would index another order), is
+    refused before anything starts, naming the key; at ZeRO 0 too, another rank count (one RNG state per rank).
+    Other changed settings resume, each named in a warning."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    from launch.config import ConfigError, load_config, resolve_path
+    from trainer.loop import find_resume, load_data
+
+    run = tmp_path / "run"
+    written = load_config(None)
+    tok = AutoTokenizer.from_pretrained(resolve_path("builtin:tokenizer"))
+    data = load_data(written, tok)
+    tmp = ckpt.begin(run / "checkpoints", 4)
+    data.train.next_indices(4 * written.rollout.prompts_per_step)
+    ckpt.save_trainer_state(tmp, {"step": 4, "config": written.to_dict(), "data": data.train.state_dict(),
+                                  "pretrain_data": None})
+    saved = ckpt.commit(run / "checkpoints", tmp, 4)
+
+    def resume(*overrides):
+        cfg = load_config(None, ["checkpoint.resume=auto", *overrides])
+        return find_resume(cfg, run, load_data(cfg, tok))
+
+    with pytest.raises(ConfigError, match=r"at step 4, past trainer.steps=3; set trainer.steps >= 4"):
+        resume("trainer.steps=3")
+    with pytest.raises(ConfigError, match=r"trainer.num_ranks=1 \(now 2\)"):
+        resume("trainer.num_ranks=2")
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("".join(line + "\n" for line in
+                             Path(resolve_path(written.data.prompts)).read_text().splitlines()[:12]))
+    with pytest.raises(ConfigError, match=rf"written for {data.train.n} prompts, data.prompts now gives 12"):
+        resume(f"data.prompts={fewer}")
+    with caplog.at_level(logging.WARNING, logger="minillm"):
+        assert resume("trainer.steps=4", "objective.name=gkd", "trainer.lr=0.001") == saved
+    assert "objective.name: 'minillm' -> 'gkd'" in caplog.text and f"trainer.lr: {written.trainer.lr!r} -> 0.001" in caplog.text
+    assert "trainer.steps" not in caplog.text  # more (or as many) steps is what a resume is for

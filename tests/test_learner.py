@@ -281,3 +281,32 @@ def test_a_rank_without_rows_still_takes_part_in_the_update(roles):
             release(placement)
     for k, ref in weights["one_rank"].items():
         torch.testing.assert_close(weights["two_ranks"][k], ref, rtol=0, atol=2e-6, msg=k)
+
+
+def test_resume_applies_the_new_learning_rate_and_weight_decay(roles, tmp_path):
+    """A run resumed with another trainer.lr / trainer.weight_decay uses them from its first update (the saved
+    optimizer and scheduler carried the old ones), at the schedule's current step; Adam's state is the saved one."""
+    cfg, _, workers, teacher = roles
+    batch = generate(workers, _prompts(), SamplingSettings(max_new_tokens=4, eos_token_id=2, seed=8))
+    scores = score(teacher, batch, cfg)
+    shape = ["trainer.steps=6", "trainer.warmup_steps=1", "trainer.lr_schedule=linear"]
+    learner, placement = _start(shape + ["trainer.lr=1e-3", "trainer.weight_decay=0.0"])
+    try:
+        used = [train_on(learner, batch, scores, None)["lr"] for _ in range(2)]
+        ray.get(learner[0].save_checkpoint.remote(str(tmp_path)))
+    finally:
+        ray.kill(learner[0])
+        release(placement)
+    assert used == pytest.approx([0.0, 1e-3])  # warm-up from 0, then the linear decay's start
+    learner, placement = _start(shape + ["trainer.lr=5e-3", "trainer.weight_decay=0.25"])
+    try:
+        ray.get(learner[0].load_checkpoint.remote(str(tmp_path)))
+        assert ray.get(learner[0].optimizer_steps.remote()) == 2
+        lr = train_on(learner, batch, scores, None)["lr"]
+        decay = ray.get(learner[0].__ray_call__.remote(
+            lambda self: {g["weight_decay"] for g in self.scheduler.optimizer.param_groups}))
+    finally:
+        ray.kill(learner[0])
+        release(placement)
+    assert lr == pytest.approx(5e-3 * (1 - (2 - 1) / (6 - 1)))  # linear decay at update 2 of 6, warm-up 1
+    assert decay == {0.25}

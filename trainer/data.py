@@ -47,7 +47,7 @@ class SeededOrder:
     def next_indices(self, k: int) -> list[int]:
         out = []
         while len(out) < k:
-            if self.cursor == len(self.order):
+            if self.cursor >= len(self.order):
                 self.epoch, self.cursor = self.epoch + 1, 0
                 self.order = self._order()
             out.append(self.order[self.cursor])
@@ -55,9 +55,11 @@ class SeededOrder:
         return out
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
+        return {"epoch": self.epoch, "cursor": self.cursor, "n": self.n}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("n", self.n) != self.n:
+            raise ValueError(f"the saved position is for {state['n']} rows, this data has {self.n}")
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         self.order = self._order()
 

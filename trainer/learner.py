@@ -344,8 +344,27 @@ class Learner:
         if client is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt_dir}")
         self.global_step = client["global_step"]
-        ckpt.restore_rng(torch.load(os.path.join(ckpt_dir, "rng", f"rank_{self.rank}.pt"), weights_only=False))
+        ckpt.load_rng(ckpt_dir, self.rank)
+        self._apply_optimizer_settings()
         return self.global_step
+
+    def _apply_optimizer_settings(self) -> None:
+        """After a resume: the checkpoint restored the optimizer's lr and weight decay and the scheduler's base rate
+        as they were saved; a run resumed with another trainer.lr or trainer.weight_decay means the new ones (the
+        schedule's shape, warm-up and length, already comes from the config: the scheduler saves no functions)."""
+        import warnings
+
+        groups = self.scheduler.optimizer.param_groups
+        for group in groups:
+            group["weight_decay"] = self.cfg.weight_decay
+            group["initial_lr"] = self.cfg.lr
+        self.scheduler.base_lrs = [self.cfg.lr] * len(groups)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # get_lr() outside step() warns; it is the rate at the current step
+            lrs = self.scheduler.get_lr()
+        for group, lr in zip(groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = list(lrs)
 
     def ready(self) -> dict:
         import ray

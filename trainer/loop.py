@@ -207,7 +207,7 @@ def generation_config(tokenizer, cfg: RunConfig):
                             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
 
 
-def find_resume(cfg: RunConfig, out_dir: Path) -> Optional[Path]:
+def find_resume(cfg: RunConfig, out_dir: Path, data: Optional["Datasets"] = None) -> Optional[Path]:
     if cfg.checkpoint.resume == "never":
         return None
     if cfg.checkpoint.resume == "auto":
@@ -218,20 +218,56 @@ def find_resume(cfg: RunConfig, out_dir: Path) -> Optional[Path]:
         if not ok:
             raise FileNotFoundError(f"checkpoint.resume={cfg.checkpoint.resume!r} is not a complete checkpoint: {reason}")
     if path is not None:
-        check_resumable(cfg, path)
+        check_resumable(cfg, path, data)
     return path
 
 
-def check_resumable(cfg: RunConfig, path: Path) -> None:
-    """The learner's saved state is laid out for its ZeRO stage, rank count (ZeRO 1-3 partitions), precision and
-    optimizer: resuming under others fails deep inside DeepSpeed, or loads the wrong layout. Name the key instead."""
-    saved = ckpt.load_trainer_state(path).get("config", {}).get("trainer", {})
-    keys = ["zero_stage", "bf16", "cpu_offload"] + (["num_ranks"] if cfg.trainer.zero_stage > 0 else [])
+# keys a resumed run may change without comment (where it writes, how long it runs, how it logs)
+_FREE_ON_RESUME = ("output_dir", "checkpoint.", "trainer.steps", "trainer.eval_every", "logging.", "cluster.",
+                   "data.eval_prompts", "data.num_eval_prompts")
+
+
+def check_resumable(cfg: RunConfig, path: Path, data: Optional["Datasets"] = None) -> None:
+    """Refuse, before anything starts and naming the key, a resume that cannot continue the saved run: a learner
+    layout the saved state is not laid out for (ZeRO stage, rank count: one RNG file and ZeRO partition per rank,
+    precision, optimizer), a step count the checkpoint is already past, or data of another size (the saved
+    position would index another order). Warn about every other changed setting: the run goes on with it."""
+    state = ckpt.load_trainer_state(path)
+    saved_cfg = state.get("config", {})
+    saved = saved_cfg.get("trainer", {})
+    keys = ["zero_stage", "num_ranks", "bf16", "cpu_offload"]
     diff = [f"trainer.{k}={saved[k]!r} (now {getattr(cfg.trainer, k)!r})"
             for k in keys if k in saved and saved[k] != getattr(cfg.trainer, k)]
     if diff:
         raise ConfigError(f"cannot resume from {path}: it was written with {', '.join(diff)}; resume with the "
                           f"checkpoint's values, or export it (minillm export) and start a new run from that model")
+    if state.get("step", 0) > cfg.trainer.steps:
+        raise ConfigError(f"cannot resume from {path}: it is at step {state['step']}, past trainer.steps="
+                          f"{cfg.trainer.steps}; set trainer.steps >= {state['step']}")
+    if data is not None:
+        for key, what, saved_pos, now in [
+                ("data.prompts", "prompts", state.get("data"), data.train.n),
+                ("data.pretrain (or data.pretrain_max_len)", "pretraining windows", state.get("pretrain_data"),
+                 data.pretrain.n if data.pretrain is not None else None)]:
+            if saved_pos and now is not None and saved_pos.get("n", now) != now:
+                raise ConfigError(f"cannot resume from {path}: it was written for {saved_pos['n']} {what}, {key} now "
+                                  f"gives {now}; resume with the same data (a new data set: start a new run from the "
+                                  f"exported model)")
+    changed = [f"{k}: {a!r} -> {b!r}" for k, a, b in _config_changes(saved_cfg, cfg.to_dict())
+               if not k.startswith(_FREE_ON_RESUME)]
+    if changed:
+        log.warning("resuming from %s with settings changed since it was written: %s", path, "; ".join(changed))
+
+
+def _config_changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_changes(a, b, f"{prefix}{k}.")
+        elif a != b and k in old:  # a key the checkpoint predates is not a change
+            out.append((f"{prefix}{k}", a, b))
+    return out
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -285,7 +321,7 @@ def train(cfg: RunConfig, hooks: Optional[Hooks] = None) -> dict:
                   max(map(len, data.pretrain.windows)) if data.pretrain is not None else 0)
 
     out_dir = Path(cfg.output_dir)
-    resume_from = find_resume(cfg, out_dir)
+    resume_from = find_resume(cfg, out_dir, data)
     student_config = AutoConfig.from_pretrained(resolve_path(cfg.model.student))
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -355,7 +391,8 @@ def _run(cfg: RunConfig, roles: Roles, tokenizer, data: Datasets, out_dir: Path,
         state = ckpt.load_trainer_state(resume_from)
         start_step, history, before = state["step"], state["history"], state.get("eval_before")
         train_data.load_state_dict(state["data"])
-        mixer.load_state_dict(state["mixer"])
+        # a changed objective.lam / seq_kd (warned about in check_resumable) applies from here; the draws go on
+        mixer.load_state_dict({**state["mixer"], "lam": mixer.lam, "seq_kd": mixer.seq_kd})
         if pretrain_data is not None:
             pretrain_data.load_state_dict(state["pretrain_data"])
         log.warning("resumed from %s at step %d", resume_from, start_step)
