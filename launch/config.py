@@ -11,8 +11,10 @@ Paths may start with `builtin:` to point into the assets shipped with the packag
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import importlib.util
+import math
 import os
 import types
 import typing
@@ -164,6 +166,7 @@ class RolloutConfig:
 
     def validate(self) -> None:
         _in_range("rollout.num_gpus", self.num_gpus, 0.0, None)
+        _in_range("rollout.num_cpus", self.num_cpus, 0.0, None)
         for key in ("num_workers", "tensor_parallel_size", "prompts_per_step", "n_samples",
                     "max_new_tokens", "sync_bucket_mb"):
             _positive(f"rollout.{key}", getattr(self, key))
@@ -219,6 +222,10 @@ class TeacherConfig:
 
     def validate(self) -> None:
         _positive("teacher.num_replicas", self.num_replicas)
+        _in_range("teacher.num_gpus", self.num_gpus, 0.0, None)
+        _in_range("teacher.num_cpus", self.num_cpus, 0.0, None)
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"teacher.url must start with http:// or https://, got {self.url!r}")
         _positive("teacher.token_budget", self.token_budget)
         _in_range("teacher.topk", self.topk, 0, None)
         if self.backend in ("http", "vllm_server") and not self.url:
@@ -354,6 +361,8 @@ class TrainerConfig:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"trainer.zero_stage must be one of 0, 1, 2, 3, got {self.zero_stage}")
         _positive("trainer.num_ranks", self.num_ranks)
+        _in_range("trainer.num_gpus", self.num_gpus, 0.0, None)
+        _in_range("trainer.num_cpus", self.num_cpus, 0.0, None)
         _positive("trainer.micro_batch_tokens", self.micro_batch_tokens)
         _in_range("trainer.eval_every", self.eval_every, 0, None)
         if self.bf16 and self.device == "cpu":
@@ -393,6 +402,10 @@ class ClusterConfig:
     address: Optional[str] = None
     num_cpus: Optional[int] = None
     spread_roles: bool = False
+
+    def validate(self) -> None:
+        if self.num_cpus is not None:
+            _positive("cluster.num_cpus", self.num_cpus)
 
 
 @dataclass
@@ -521,8 +534,12 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if annotation is str:
+        if isinstance(value, (int, float, datetime.date)) and not isinstance(value, bool):
+            return str(value)  # YAML read `run_name=2024-01-01` or `prompt_key=1` as a date or a number
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return value
@@ -564,14 +581,20 @@ def _apply_override(tree: dict, override: str) -> None:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {k!r} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({str(e).splitlines()[0]}); "
+                          f"quote it if it is text") from None
 
 
 def config_path(name_or_path: str) -> Path:
     """A YAML path, or the name of a shipped config in launch/configs/."""
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") and p.exists():
+    if p.suffix in (".yaml", ".yml") and p.is_file():
         return p
+    if p.exists():
+        raise ConfigError(f"config {name_or_path!r} is not a YAML file (.yaml or .yml)")
     shipped = CONFIG_DIR / f"{name_or_path}.yaml"
     if shipped.exists():
         return shipped
@@ -581,8 +604,12 @@ def config_path(name_or_path: str) -> Path:
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> RunConfig:
     """Load and validate a run config; `path=None` is the embedded CPU default."""
-    with open(config_path(path or DEFAULT_CONFIG)) as f:
-        tree = yaml.safe_load(f) or {}
+    source = config_path(path or DEFAULT_CONFIG)
+    try:
+        with open(source) as f:
+            tree = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source} is not valid YAML: {e}") from None
     for ov in overrides or []:
         _apply_override(tree, ov)
     cfg = _build(RunConfig, tree, "")

@@ -37,11 +37,36 @@ def test_dotted_overrides_are_typed():
     ("rollout.backend=sglang", "rollout.backend must be one of 'hf', 'vllm', got 'sglang'"),
     ("rollout.mix_alpha=-0.1", "rollout.mix_alpha must be in [0.0, 1.0], got -0.1"),
     ("trainer.lr", "must look like section.key=value"),
+    ("trainer.lr=nan", "trainer.lr must be a finite number, got nan"),
+    ("objective.beta=.inf", "objective.beta must be a finite number, got inf"),
+    ("trainer.num_gpus=-1", "trainer.num_gpus must be in [0.0, inf], got -1.0"),
+    ("teacher.num_cpus=-2", "teacher.num_cpus must be in [0.0, inf], got -2.0"),
+    ("rollout.num_cpus=-1", "rollout.num_cpus must be in [0.0, inf], got -1.0"),
+    ("cluster.num_cpus=0", "cluster.num_cpus must be > 0, got 0"),
+    ("teacher.url=localhost:8000", "teacher.url must start with http:// or https://, got 'localhost:8000'"),
+    ("trainer.steps=[1", "override 'trainer.steps=[1': the value is not valid YAML"),
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert needle in str(e.value)
+
+def test_text_keys_take_what_yaml_reads_as_dates_or_numbers():
+    cfg = load_config(None, ["logging.wandb_run_name=2024-01-01", "data.prompt_key=1", "output_dir=123"])
+    assert (cfg.logging.wandb_run_name, cfg.data.prompt_key, cfg.output_dir) == ("2024-01-01", "1", "123")
+
+
+def test_config_files_that_are_not_yaml_or_not_valid(tmp_path):
+    (tmp_path / "notes.txt").write_text("trainer: {}")
+    with pytest.raises(ConfigError, match="is not a YAML file"):
+        load_config(str(tmp_path / "notes.txt"))
+    (tmp_path / "dir.yaml").mkdir()
+    with pytest.raises(ConfigError, match="is not a YAML file"):
+        load_config(str(tmp_path / "dir.yaml"))
+    (tmp_path / "bad.yaml").write_text("trainer: {steps: [1}")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        load_config(str(tmp_path / "bad.yaml"))
+
 
 
 def test_cross_field_rules():
