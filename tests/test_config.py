@@ -51,6 +51,7 @@ def test_bad_values_name_the_key(override, needle):
         load_config(None, [override])
     assert needle in str(e.value)
 
+
 def test_text_keys_take_what_yaml_reads_as_dates_or_numbers():
     cfg = load_config(None, ["logging.wandb_run_name=2024-01-01", "data.prompt_key=1", "output_dir=123"])
     assert (cfg.logging.wandb_run_name, cfg.data.prompt_key, cfg.output_dir) == ("2024-01-01", "1", "123")
