@@ -19,7 +19,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from launch.config import RunConfig
+from launch.config import ConfigError, RunConfig
 
 
 @dataclass
@@ -65,7 +65,7 @@ def _check_fits(roles: dict[str, list[dict]]) -> None:
     short = {k: (v, total.get(k, 0.0)) for k, v in need.items() if v > total.get(k, 0.0) + 1e-9}
     if short:
         per_role = "; ".join(f"{role}: {bundles}" for role, bundles in roles.items())
-        raise RuntimeError(f"the roles need {', '.join(f'{v:g} {k}' for k, (v, _) in short.items())} but the Ray "
+        raise ConfigError(f"the roles need {', '.join(f'{v:g} {k}' for k, (v, _) in short.items())} but the Ray "
                            f"cluster has {', '.join(f'{t:g} {k}' for k, (_, t) in short.items())} ({per_role}). Lower "
                            f"the counts or CPU/GPU shares in the config, raise cluster.num_cpus, or add nodes.")
 

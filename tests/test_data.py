@@ -155,6 +155,15 @@ def test_bad_data_sources_fail_early_naming_the_fix(tmp_path, tok):
         PromptData([], tok, DataConfig(), "data.prompts")
     with pytest.raises(ConfigError, match="row 1 has no field 'prompt' .*fields: text"):
         PromptData([{"prompt": "the"}, {"text": "the"}], tok, DataConfig(), "data.prompts")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "the"}\n\n{"prompt": "the red\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl' line 3 is not JSON: .* \(column 20\)"):
+        read_records(str(bad))
+    bad.write_text('{"prompt": "the"}\n["the", "red"]\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl' line 2 is a JSON list, not an object"):
+        read_records(str(bad))
+    with pytest.raises(ConfigError, match="data.prompts row 1: the prompt must be a string .*got int"):
+        PromptData([{"prompt": "the"}, {"prompt": 7}], tok, DataConfig(), "data.prompts")
 
 
 def test_off_policy_gkd_without_responses_fails_before_any_actor(tmp_path):
@@ -166,7 +175,7 @@ def test_off_policy_gkd_without_responses_fails_before_any_actor(tmp_path):
 
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     cfg = load_config("gkd_cpu", [f"data.prompts={tmp_path / 'p.jsonl'}", "objective.lam=0.5"])
-    with pytest.raises(ValueError, match=r"objective.lam=0.5 < 1 uses the dataset's responses.*data.response_key"):
+    with pytest.raises(ConfigError, match=r"objective.lam=0.5 < 1 uses the dataset's responses.*data.response_key"):
         load_data(cfg, load_tokenizers(cfg))
     # on-policy only (λ = 1) or sequence-level KD (teacher samples) needs no responses
     for extra in (["objective.lam=1.0"], ["objective.lam=0.5", "objective.seq_kd=true"]):

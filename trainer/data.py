@@ -24,8 +24,20 @@ def read_records(spec: str) -> list[dict]:
     if not path.exists():
         raise ConfigError(f"data file {spec!r} not found (resolved to {path})")
     if path.suffix == ".jsonl":
+        rows = []
         with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"data file {spec!r} line {n} is not JSON: {e.msg} (column {e.colno})") from None
+                if not isinstance(row, dict):
+                    raise ConfigError(f"data file {spec!r} line {n} is a JSON {type(row).__name__}, not an object "
+                                      f"with named fields")
+                rows.append(row)
+        return rows
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
         return pq.read_table(path).to_pylist()
@@ -83,7 +95,7 @@ class PromptData(SeededOrder):
                 raise ConfigError(f"{source} row {i} has no field {cfg.prompt_key!r} (data.prompt_key); "
                                   f"fields: {', '.join(row)}")
             prompt, resp = prompt_and_response(row, cfg, f"{source} row {i}")
-            ids = encode_prompt(tokenizer, prompt, cfg.chat_template)
+            ids = encode_prompt(tokenizer, prompt, cfg.chat_template, where=f"{source} row {i}")
             if len(ids) > cfg.max_prompt_len:
                 raise ConfigError(f"{source} row {i}: prompt of {len(ids)} tokens exceeds data.max_prompt_len="
                                   f"{cfg.max_prompt_len}; raise it or shorten the prompt")
@@ -146,7 +158,7 @@ def prompt_and_response(row: dict, cfg: DataConfig, where: str) -> tuple:
     return prompt, resp
 
 
-def encode_prompt(tokenizer, prompt, chat_template: bool) -> list[int]:
+def encode_prompt(tokenizer, prompt, chat_template: bool, where: str = "a prompt") -> list[int]:
     if chat_template:
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         if tokenizer.chat_template is None:
@@ -155,5 +167,6 @@ def encode_prompt(tokenizer, prompt, chat_template: bool) -> list[int]:
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                   return_dict=True)["input_ids"])
     if not isinstance(prompt, str):
-        raise ConfigError(f"prompt must be a string (or chat messages with data.chat_template=true), got {type(prompt).__name__}")
+        raise ConfigError(f"{where}: the prompt must be a string (or chat messages with data.chat_template=true), "
+                          f"got {type(prompt).__name__}")
     return tokenizer(prompt)["input_ids"]

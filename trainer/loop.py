@@ -304,7 +304,7 @@ def load_data(cfg: RunConfig, tokenizer) -> Datasets:
                                      seed=cfg.trainer.seed + 1)
     needs_dataset = cfg.objective.name != "minillm" and cfg.objective.lam < 1 and not cfg.objective.seq_kd
     if needs_dataset and any(r is None for r in train_data.responses):
-        raise ValueError(f"objective.lam={cfg.objective.lam} < 1 uses the dataset's responses, but some rows of "
+        raise ConfigError(f"objective.lam={cfg.objective.lam} < 1 uses the dataset's responses, but some rows of "
                          f"data.prompts have no {cfg.data.response_key!r} field (data.response_key)")
     return Datasets(train_data, eval_data, pretrain_data)
 
