@@ -122,7 +122,7 @@ def test_metrics_over_micro_batches_equal_the_whole_batch_loss(roles):
     cfg, _, workers, teacher = roles
     small = load_config(None, ["trainer.micro_batch_tokens=12", "trainer.warmup_steps=0", "trainer.num_cpus=1",
                                "objective.ppo_epochs=2",
-                               "rollout.num_cpus=1", "teacher.backend=http", "teacher.url=x", "teacher.return_full=false", "teacher.topk=8"])
+                               "rollout.num_cpus=1", "teacher.backend=http", "teacher.url=http://x", "teacher.return_full=false", "teacher.topk=8"])
     placement = create_placement(small)
     try:
         learner = start_learners(small, placement["learner"])
@@ -148,7 +148,7 @@ def test_bf16_learner_starts_with_a_fresh_adam_state(roles):
     learner must undo that, so the first update is Adam's step 1, as in fp32 runs (and as TRL's)."""
     cfg, _, workers, teacher = roles
     base = load_config(None, ["trainer.zero_stage=0", "trainer.warmup_steps=0", "trainer.num_cpus=1", "rollout.num_cpus=1",
-                              "teacher.backend=http", "teacher.url=x", "teacher.return_full=false", "teacher.topk=8"])
+                              "teacher.backend=http", "teacher.url=http://x", "teacher.return_full=false", "teacher.topk=8"])
     # the config reserves bf16 for GPU runs; DeepSpeed's CPU accelerator takes the same bf16 ZeRO-0 path
     bf16 = dataclasses.replace(base, trainer=dataclasses.replace(base.trainer, bf16=True),
                                model=dataclasses.replace(base.model, dtype="bfloat16"))
@@ -167,7 +167,7 @@ def test_bf16_learner_starts_with_a_fresh_adam_state(roles):
 
 
 def _start(overrides):
-    cfg = load_config(None, ["trainer.num_cpus=1", "rollout.num_cpus=1", "teacher.backend=http", "teacher.url=x",
+    cfg = load_config(None, ["trainer.num_cpus=1", "rollout.num_cpus=1", "teacher.backend=http", "teacher.url=http://x",
                              "teacher.return_full=false", "teacher.topk=8", *overrides])
     placement = create_placement(cfg)
     return start_learners(cfg, placement["learner"]), placement

@@ -102,3 +102,24 @@ def test_http_scores_over_the_clients_vocabulary(server):
     ref = reference_scores(tiny_llama(), *batch, topk=4, vocab_size=50)
     assert out.full_logprobs.shape[-1] == 50
     assert_scores_match(out, ref, ATOL)
+
+
+def test_a_remote_teacher_is_checked_before_the_run_starts(server):
+    """teacher.backend=http: the service must answer, with the student's BOS/EOS ids, before any role starts."""
+    from types import SimpleNamespace
+
+    from launch.config import load_config
+    from teacher.tokenizer_check import TokenizerMismatchError
+    from trainer.roles import check_remote_teacher
+
+    def cfg(url):
+        return load_config(None, ["teacher.backend=http", f"teacher.url={url}", "teacher.return_full=false",
+                                  "teacher.topk=8"])
+
+    check_remote_teacher(cfg(server), SimpleNamespace(bos_token_id=1, eos_token_id=2))  # the tiny teacher's ids
+    with pytest.raises(TokenizerMismatchError, match=r"has eos id 2, the student's tokenizer 5"):
+        check_remote_teacher(cfg(server), SimpleNamespace(bos_token_id=1, eos_token_id=5))
+    t0 = time.perf_counter()
+    with pytest.raises(TeacherUnavailableError, match="unavailable after 3 attempts"):
+        check_remote_teacher(cfg(f"http://127.0.0.1:{free_port()}"), SimpleNamespace(bos_token_id=1, eos_token_id=2))
+    assert time.perf_counter() - t0 < 10

@@ -89,3 +89,18 @@ def test_vllm_client_keeps_only_the_students_ids(server, batch_and_ref):
     torch.testing.assert_close(wide.topk_logprobs, ref.topk_logprobs, atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match=r"ranked ids are past the student's vocabulary size 40: use teacher.backend=ray or http"):
         VllmServerTeacherClient(server, "tiny-teacher", topk=5, vocab_size=40).score(*random_batch(7, 40, seed=4))
+
+
+def test_the_served_model_name_is_checked_before_the_run_starts(server):
+    from types import SimpleNamespace
+
+    from launch.config import ConfigError, load_config
+    from trainer.roles import check_remote_teacher
+
+    def cfg(name):
+        return load_config(None, ["teacher.backend=vllm_server", f"teacher.url={server}", "teacher.return_full=false",
+                                  "teacher.topk=8", f"teacher.served_model_name={name}"])
+
+    check_remote_teacher(cfg("tiny-teacher"), SimpleNamespace())
+    with pytest.raises(ConfigError, match=r"serves \['tiny-teacher'\], not 'Qwen/Qwen2.5-7B'.*teacher.served_model_name"):
+        check_remote_teacher(cfg("Qwen/Qwen2.5-7B"), SimpleNamespace())

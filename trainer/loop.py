@@ -30,8 +30,8 @@ from trainer.evaluate import reverse_kl_estimate
 from trainer.export import export_checkpoint
 from trainer.gpu_monitor import GpuMonitor
 from trainer.objective import select_scores
-from trainer.roles import (Roles, check_context, check_paths, load_tokenizers, pad_id, start_learners, start_rollout,
-                           start_teacher)
+from trainer.roles import (Roles, check_context, check_paths, check_remote_teacher, load_tokenizers, pad_id,
+                           start_learners, start_rollout, start_teacher)
 from trainer.sync import WeightSync
 from trainer.tracking import MetricsLog, finish_wandb, start_wandb
 
@@ -316,6 +316,7 @@ def train(cfg: RunConfig, hooks: Optional[Hooks] = None) -> dict:
     hooks = hooks or Hooks()
     check_paths(cfg)
     tokenizer = load_tokenizers(cfg)
+    check_remote_teacher(cfg, tokenizer)
     data = load_data(cfg, tokenizer)
     check_context(cfg, {"data.prompts": data.train.prompts, **({"data.eval_prompts": data.eval.prompts} if data.eval else {})},
                   max(map(len, data.pretrain.windows)) if data.pretrain is not None else 0)

@@ -54,6 +54,41 @@ def load_tokenizers(cfg: RunConfig):
     return tok
 
 
+def check_remote_teacher(cfg: RunConfig, tokenizer) -> None:
+    """A teacher served elsewhere must answer, and (our HTTP service) with the student's BOS/EOS ids, before Ray
+    starts: otherwise the first step finds out, after every role started."""
+    t = cfg.teacher
+    if t.backend == "http":
+        from teacher.http_client import HttpTeacherClient
+        from teacher.tokenizer_check import TokenizerMismatchError
+
+        client = HttpTeacherClient(t.url, timeout=30.0, retries=2)
+        try:
+            info = client.vocab_info()
+        finally:
+            client.close()
+        special = info.get("special_token_ids") or {}
+        for name in ("bos", "eos"):
+            theirs, ours = special.get(name), getattr(tokenizer, f"{name}_token_id", None)
+            if theirs is not None and ours is not None and theirs != ours:
+                raise TokenizerMismatchError(
+                    f"the teacher at teacher.url={t.url} ({info.get('model_name')}) has {name} id {theirs}, the "
+                    f"student's tokenizer {ours}: the two do not share a vocabulary; serve a teacher of the "
+                    f"student's tokenizer family, or set model.tokenizer to the one the teacher uses")
+    elif t.backend == "vllm_server":
+        import httpx
+
+        from teacher.http_client import request_with_retries
+
+        with httpx.Client(timeout=30.0) as http:
+            served = [m.get("id") for m in request_with_retries(http, "GET", t.url.rstrip("/") + "/v1/models", 2, 0.5)
+                      .json().get("data", [])]
+        name = t.served_model_name or cfg.model.teacher
+        if name not in served:
+            raise ConfigError(f"the vLLM server at teacher.url={t.url} serves {served}, not {name!r}: set "
+                              f"teacher.served_model_name to one of them")
+
+
 def check_paths(cfg: RunConfig) -> None:
     """Fail before Ray starts if a model folder is missing."""
     for key, value in (("model.student", cfg.model.student), ("model.teacher", cfg.model.teacher)):
