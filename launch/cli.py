@@ -1,15 +1,20 @@
 """The `minillm` command line.
 
-    minillm train [--config NAME|FILE.yaml] [section.key=value ...] [--resume]
+    minillm train [--config NAME|FILE.yaml] [section.key=value ...] [--resume] [--no-progress]
     minillm export CHECKPOINT --out DIR [--overwrite] [--push-to-hub ORG/NAME [--private] [--dry-run]]
     minillm serve-teacher MODEL_DIR [--host 127.0.0.1] [--port 8000] [--device cpu] [--dtype float32]
+                          [--token-budget 16384]
     minillm config [--config ...] [overrides ...]     print the resolved config
     minillm build-assets                              rebuild the embedded tiny models and corpus
+
+Errors a user fixes (a setting, a file, a server) print one line and exit with 2; MINILLM_TRACEBACK=1 shows the
+traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from launch.config import ConfigError, load_config
@@ -41,6 +46,13 @@ def _export(args) -> int:
 def _serve_teacher(args) -> int:
     from teacher.http_service import serve_teacher
     from launch.config import resolve_path
+
+    if args.token_budget < 1:
+        raise ConfigError(f"--token-budget must be >= 1, got {args.token_budget}")
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA GPU is visible here; use --device cpu")
     serve_teacher(resolve_path(args.model), host=args.host, port=args.port, device=args.device, dtype=args.dtype,
                   token_budget=args.token_budget)
     return 0
@@ -53,6 +65,7 @@ def _build_assets(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The `minillm` parser; `.commands` maps each command to its subparser (for intermixed parsing)."""
     ap = argparse.ArgumentParser(prog="minillm", description="On-policy distillation of LLMs (MiniLLM, GKD, ...).",
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -85,25 +98,42 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="teacher model folder")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--token-budget", type=int, default=16384)
     p.set_defaults(func=_serve_teacher)
 
     p = sub.add_parser("build-assets", help="rebuild the embedded tiny teacher, student config, tokenizer and corpus")
     p.set_defaults(func=_build_assets)
+    ap.commands = dict(sub.choices)
     return ap
 
 
+def _user_errors() -> tuple:
+    """What a user fixes (a setting, a file, a server, a login): one line, not a traceback."""
+    from teacher.http_client import TeacherUnavailableError
+    from teacher.tokenizer_check import TokenizerMismatchError
+    return OSError, TokenizerMismatchError, TeacherUnavailableError
+
+
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = parser()
+    if argv and argv[0] in ap.commands:  # options and overrides in any order: `train a=1 --resume b=2`
+        args = ap.commands[argv[0]].parse_intermixed_args(argv[1:])
+    else:
+        args = ap.parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as e:
+        if os.environ.get("MINILLM_TRACEBACK"):
+            raise
         print(f"minillm: config error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError) as e:
-        print(f"minillm: {e}", file=sys.stderr)
+    except _user_errors() as e:
+        if os.environ.get("MINILLM_TRACEBACK"):
+            raise
+        print(f"minillm: {e} (MINILLM_TRACEBACK=1 shows where)", file=sys.stderr)
         return 2
 
 

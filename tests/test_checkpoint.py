@@ -325,6 +325,8 @@ def test_resume_with_other_steps_data_or_settings(tmp_path, caplog):
     data.train.next_indices(4 * written.rollout.prompts_per_step)
     ckpt.save_trainer_state(tmp, {"step": 4, "config": written.to_dict(), "data": data.train.state_dict(),
                                   "pretrain_data": None})
+    from transformers import AutoConfig
+    ckpt.save_student_files(tmp, AutoConfig.from_pretrained(resolve_path(written.model.student)))
     saved = ckpt.commit(run / "checkpoints", tmp, 4)
 
     def resume(*overrides):
@@ -340,6 +342,9 @@ def test_resume_with_other_steps_data_or_settings(tmp_path, caplog):
                              Path(resolve_path(written.data.prompts)).read_text().splitlines()[:12]))
     with pytest.raises(ConfigError, match=rf"written for {data.train.n} prompts, data.prompts now gives 12"):
         resume(f"data.prompts={fewer}")
+    with pytest.raises(ConfigError, match=r"its student differs from model.student='builtin:tiny-teacher' in "
+                                          r"hidden_size .*resume with the run's model.student"):
+        resume("model.student=builtin:tiny-teacher")
     with caplog.at_level(logging.WARNING, logger="minillm"):
         assert resume("trainer.steps=4", "objective.name=gkd", "trainer.lr=0.001") == saved
     assert "objective.name: 'minillm' -> 'gkd'" in caplog.text and f"trainer.lr: {written.trainer.lr!r} -> 0.001" in caplog.text

@@ -49,3 +49,45 @@ def test_serve_teacher_command_serves_the_teachers_log_probs():
             client.close()
     assert info["vocab_size"] == teacher.config.vocab_size
     assert_scores_match(out, reference_scores(teacher, *batch, topk=3))
+
+
+def test_options_and_overrides_in_any_order(capsys):
+    assert main(["config", "objective.beta=0.3", "--config", "gkd_cpu", "logging.wandb_mode=offline"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["objective"]["name"], printed["objective"]["beta"]) == ("gkd", 0.3)
+
+
+def test_train_errors_a_user_fixes_are_one_line_and_leave_no_run_folder(tmp_path, capsys):
+    """Found before Ray (a student folder without tokenizer files, an unreachable HTTP teacher, an output_dir
+    holding another run) or when the roles are placed (a cluster too small): one line each, exit 2, and no
+    half-made run folder (an existing one is left as it was)."""
+    import shutil
+
+    import ray
+
+    student = tmp_path / "student"
+    student.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(Path(resolve_path("builtin:tiny-student")) / name, student / name)
+    earlier = tmp_path / "earlier"
+    (earlier / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (earlier / "metrics.jsonl").write_text('{"step": 1}\n')
+    cases = [
+        ([f"model.student={student}"], "has no tokenizer files"),
+        (["teacher.backend=http", f"teacher.url=http://127.0.0.1:{free_port()}", "teacher.return_full=false",
+          "teacher.topk=8"], "unavailable after 3 attempts"),
+        (["cluster.num_cpus=1"], "the roles need"),
+    ]
+    try:
+        for overrides, needle in cases:
+            run = tmp_path / "run"
+            assert main(["train", "--no-progress", f"output_dir={run}", *overrides]) == 2
+            err = capsys.readouterr().err
+            ours = [line for line in err.splitlines() if line.startswith("minillm:")]  # Ray may log a line too
+            assert len(ours) == 1 and needle in ours[0] and "Traceback" not in err, err
+            assert not run.exists()
+    finally:
+        ray.shutdown()
+    assert main(["train", f"output_dir={earlier}"]) == 2
+    assert "holds checkpoints of an earlier run: pass --resume" in capsys.readouterr().err
+    assert sorted(p.name for p in earlier.rglob("*")) == ["checkpoints", "metrics.jsonl", "step_00000001"]

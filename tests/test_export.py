@@ -68,7 +68,7 @@ def test_resolve_checkpoint_accepts_run_checkpoints_and_step_dirs(tmp_path):
     assert resolve_checkpoint(tmp_path / "checkpoints") == second
     assert resolve_checkpoint(first) == first
     (second / "trainer_state.json").write_text("{}")
-    with pytest.raises(ValueError, match="incomplete or corrupt: .*trainer_state.json"):
+    with pytest.raises(FileNotFoundError, match="incomplete or corrupt: .*trainer_state.json"):
         resolve_checkpoint(second)
     with pytest.warns(RuntimeWarning, match="step_00000002"):
         assert resolve_checkpoint(tmp_path) == first
@@ -97,7 +97,7 @@ def test_export_never_replaces_the_checkpoint_it_reads(tmp_path):
     before = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
     for target, how in [(tmp_path / "run", "contains"), (tmp_path / "run" / "checkpoints", "contains"),
                         (c, "contains"), (c / "export", "is inside")]:
-        with pytest.raises(ValueError, match=f"export target .* {how} the checkpoint being exported"):
+        with pytest.raises(FileExistsError, match=f"export target .* {how} the checkpoint being exported"):
             export_checkpoint(tmp_path / "run", target, overwrite=True)
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == before
     assert ckpt.is_complete(c) == (True, "ok")
@@ -148,3 +148,19 @@ def test_export_main_dry_run_without_push_writes_nothing(tmp_path, capsys):
     export_main(str(tmp_path / "run"), str(tmp_path / "final"), dry_run=True)
     assert "[dry run] would export" in capsys.readouterr().out
     assert not (tmp_path / "final").exists()
+
+
+def test_export_main_checks_the_push_before_exporting(tmp_path, monkeypatch):
+    """A bad repo id or a missing login is found before the export is written, not after."""
+    from launch.config import ConfigError
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no stored login
+    _checkpoint(tmp_path / "run" / "checkpoints", 3, _tiny(True))
+    out = tmp_path / "final"
+    with pytest.raises(ConfigError, match="'bad name//x' is not a Hub repo id"):
+        export_main(str(tmp_path / "run"), str(out), push_to_hub="bad name//x", dry_run=True)
+    with pytest.raises(PermissionError, match="hf auth login"):
+        export_main(str(tmp_path / "run"), str(out), push_to_hub="me/tiny")
+    assert not out.exists()

@@ -158,7 +158,7 @@ def test_dry_run_contacts_nothing_and_lists_files(tmp_path, capsys):
 
 def test_missing_token_is_a_clear_error(tmp_path):
     with FakeHub() as hub:
-        with pytest.raises(RuntimeError, match=r"hf auth login.*HF_TOKEN"):
+        with pytest.raises(PermissionError, match=r"hf auth login.*HF_TOKEN"):
             push_to_hub(_folder(tmp_path), REPO, endpoint=hub.url)
     assert hub.calls == []
 

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from launch.config import ConfigError
 from trainer import checkpoint as ckpt
 from trainer import model_card
 
@@ -36,7 +37,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if (p / ckpt.MANIFEST).exists() or ckpt._STEP_RE.match(p.name):
         ok, reason = ckpt.is_complete(p)
         if not ok:
-            raise ValueError(f"checkpoint {p} is incomplete or corrupt: {reason}.")
+            raise FileNotFoundError(f"checkpoint {p} is incomplete or corrupt: {reason}.")
         return p
     for root in (p / "checkpoints", p):
         if (root / ckpt.LATEST).exists() or ckpt._step_dirs(root):
@@ -140,7 +141,7 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathL
     source, target = src.resolve(), out.resolve()
     if target == source or target in source.parents or source in target.parents:
         # replacing `out` would delete the checkpoint (the whole run, for `--out RUN`) or write into it
-        raise ValueError(f"export target {out} {'contains' if target in source.parents or target == source else 'is inside'} "
+        raise FileExistsError(f"export target {out} {'contains' if target in source.parents or target == source else 'is inside'} "
                          f"the checkpoint being exported ({src}); choose a directory outside it")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"export target {out} exists and is not a directory.")
@@ -208,10 +209,7 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, 
 
     import huggingface_hub
 
-    token = token or huggingface_hub.get_token()
-    if not token:
-        raise RuntimeError("no Hugging Face token: run `hf auth login` or set HF_TOKEN "
-                           "(or pass token=...). Use --dry-run to see what would be uploaded.")
+    token = token or _require_token()
     api = huggingface_hub.HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
@@ -219,11 +217,29 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, 
     return [rel for rel, _ in files]
 
 
+def _require_token() -> str:
+    import huggingface_hub
+
+    token = huggingface_hub.get_token()
+    if not token:
+        raise PermissionError("no Hugging Face token: run `hf auth login` or set HF_TOKEN "
+                              "(or pass token=...). Use --dry-run to see what would be uploaded.")
+    return token
+
+
 def export_main(checkpoint: str, out: str, overwrite: bool = False, push_to_hub: Optional[str] = None,
                 private: bool = False, dry_run: bool = False) -> Path:
     """`minillm export`: export `checkpoint` to `out`, then optionally push it to the repo id
     `push_to_hub`. With `dry_run` and no push, only reports what would be exported."""
     src = resolve_checkpoint(checkpoint)
+    if push_to_hub:  # before the export: a bad name or a missing login found after it wastes the export
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+        try:
+            validate_repo_id(push_to_hub)
+        except HFValidationError as e:
+            raise ConfigError(f"--push-to-hub {push_to_hub!r} is not a Hub repo id (ORG/NAME): {e}") from None
+        if not dry_run:
+            _require_token()
     if dry_run and not push_to_hub:
         print(f"[dry run] would export {src} to {out}")
         return Path(out)

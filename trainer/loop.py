@@ -27,7 +27,7 @@ from teacher.types import TeacherScores, concat_scores
 from trainer import checkpoint as ckpt
 from trainer.data import PretrainData, PromptData, read_records
 from trainer.evaluate import reverse_kl_estimate
-from trainer.export import export_checkpoint
+from trainer.export import export_checkpoint, resolve_checkpoint
 from trainer.gpu_monitor import GpuMonitor
 from trainer.objective import select_scores
 from trainer.roles import (Roles, check_context, check_paths, check_remote_teacher, load_tokenizers, pad_id,
@@ -213,10 +213,10 @@ def find_resume(cfg: RunConfig, out_dir: Path, data: Optional["Datasets"] = None
     if cfg.checkpoint.resume == "auto":
         path = ckpt.find_latest(out_dir / "checkpoints")
     else:
-        path = Path(resolve_path(cfg.checkpoint.resume))
-        ok, reason = ckpt.is_complete(path)
-        if not ok:
-            raise FileNotFoundError(f"checkpoint.resume={cfg.checkpoint.resume!r} is not a complete checkpoint: {reason}")
+        try:  # a checkpoint, a checkpoints folder or a run folder (its newest complete checkpoint), as for export
+            path = resolve_checkpoint(resolve_path(cfg.checkpoint.resume))
+        except (FileNotFoundError, ValueError) as e:
+            raise FileNotFoundError(f"checkpoint.resume={cfg.checkpoint.resume!r}: {e}") from None
     if path is not None:
         check_resumable(cfg, path, data)
     return path
@@ -225,6 +225,10 @@ def find_resume(cfg: RunConfig, out_dir: Path, data: Optional["Datasets"] = None
 # keys a resumed run may change without comment (where it writes, how long it runs, how it logs)
 _FREE_ON_RESUME = ("output_dir", "checkpoint.", "trainer.steps", "trainer.eval_every", "logging.", "cluster.",
                    "data.eval_prompts", "data.num_eval_prompts")
+
+
+_ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                      "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")
 
 
 def check_resumable(cfg: RunConfig, path: Path, data: Optional["Datasets"] = None) -> None:
@@ -241,6 +245,14 @@ def check_resumable(cfg: RunConfig, path: Path, data: Optional["Datasets"] = Non
     if diff:
         raise ConfigError(f"cannot resume from {path}: it was written with {', '.join(diff)}; resume with the "
                           f"checkpoint's values, or export it (minillm export) and start a new run from that model")
+    saved_student = path / ckpt.STUDENT_DIR / "config.json"
+    if saved_student.is_file():  # the learner would fail on shapes, after every role started
+        a = json.loads(saved_student.read_text())
+        b = json.loads((Path(resolve_path(cfg.model.student)) / "config.json").read_text())
+        shape = [f"{k} {a.get(k)!r} (now {b.get(k)!r})" for k in _ARCHITECTURE_KEYS if a.get(k) != b.get(k)]
+        if shape:
+            raise ConfigError(f"cannot resume from {path}: its student differs from model.student={cfg.model.student!r} "
+                              f"in {', '.join(shape)}; resume with the run's model.student")
     if state.get("step", 0) > cfg.trainer.steps:
         raise ConfigError(f"cannot resume from {path}: it is at step {state['step']}, past trainer.steps="
                           f"{cfg.trainer.steps}; set trainer.steps >= {state['step']}")
@@ -305,7 +317,7 @@ def load_data(cfg: RunConfig, tokenizer) -> Datasets:
     needs_dataset = cfg.objective.name != "minillm" and cfg.objective.lam < 1 and not cfg.objective.seq_kd
     if needs_dataset and any(r is None for r in train_data.responses):
         raise ConfigError(f"objective.lam={cfg.objective.lam} < 1 uses the dataset's responses, but some rows of "
-                         f"data.prompts have no {cfg.data.response_key!r} field (data.response_key)")
+                          f"data.prompts have no {cfg.data.response_key!r} field (data.response_key)")
     return Datasets(train_data, eval_data, pretrain_data)
 
 
@@ -322,24 +334,32 @@ def train(cfg: RunConfig, hooks: Optional[Hooks] = None) -> dict:
                   max(map(len, data.pretrain.windows)) if data.pretrain is not None else 0)
 
     out_dir = Path(cfg.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output_dir={cfg.output_dir!r} is a file; give a folder")
     resume_from = find_resume(cfg, out_dir, data)
+    if cfg.checkpoint.resume == "never" and ckpt._step_dirs(out_dir / "checkpoints"):
+        # a new run here would mix its checkpoints, metrics and logs with the earlier run's
+        raise ConfigError(f"output_dir={cfg.output_dir!r} holds checkpoints of an earlier run: pass --resume "
+                          f"(checkpoint.resume=auto) to continue it, or give another output_dir (or delete that one)")
     student_config = AutoConfig.from_pretrained(resolve_path(cfg.model.student))
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    wandb_run, failed = None, True
     try:
         wandb_run = start_wandb(cfg, out_dir, resuming=resume_from is not None)
-    except Exception:
-        if created:  # a login problem leaves no run folder behind
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
-    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    failed = True
-    try:
         summary = _start_and_run(cfg, tokenizer, data, out_dir, resume_from, student_config, hooks, wandb_run)
         failed = False
         return summary
     finally:
         finish_wandb(wandb_run, failed)
+        if failed and created and not _has_progress(out_dir):
+            shutil.rmtree(out_dir, ignore_errors=True)  # a run that failed to start leaves no folder behind
+
+
+def _has_progress(out_dir: Path) -> bool:
+    """Whether a run folder holds anything worth keeping after a failure: a logged step or a checkpoint."""
+    metrics = out_dir / "metrics.jsonl"
+    return bool(ckpt._step_dirs(out_dir / "checkpoints")) or (metrics.is_file() and metrics.stat().st_size > 0)
 
 
 def _start_and_run(cfg: RunConfig, tokenizer, data: Datasets, out_dir: Path, resume_from: Optional[Path],
@@ -398,6 +418,7 @@ def _run(cfg: RunConfig, roles: Roles, tokenizer, data: Datasets, out_dir: Path,
             pretrain_data.load_state_dict(state["pretrain_data"])
         log.warning("resumed from %s at step %d", resume_from, start_step)
     metrics_log = MetricsLog(out_dir, resume_step=start_step, wandb_run=wandb_run)
+    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))  # the roles started with it
 
     def run_state(step: int, history: list) -> dict:
         """The driver's part of a checkpoint (the learners write theirs)."""

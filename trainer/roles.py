@@ -89,14 +89,31 @@ def check_remote_teacher(cfg: RunConfig, tokenizer) -> None:
                               f"teacher.served_model_name to one of them")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def check_paths(cfg: RunConfig) -> None:
-    """Fail before Ray starts if a model folder is missing."""
+    """Fail before Ray starts if a model folder is missing or unreadable, or the student has no tokenizer."""
+    import json
+
     for key, value in (("model.student", cfg.model.student), ("model.teacher", cfg.model.teacher)):
         if key == "model.teacher" and cfg.teacher.backend != "ray":
             continue
         path = Path(resolve_path(value))
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{key}={value!r}: no config.json in {path}; give a Hugging Face model folder")
+        try:
+            json.loads((path / "config.json").read_text())
+        except ValueError as e:
+            raise ConfigError(f"{key}={value!r}: {path / 'config.json'} is not valid JSON ({e})") from None
+    if cfg.model.tokenizer:
+        path = Path(resolve_path(cfg.model.tokenizer))
+        if not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise FileNotFoundError(f"model.tokenizer={cfg.model.tokenizer!r}: no tokenizer files in {path} "
+                                    f"(one of {', '.join(TOKENIZER_FILES)}); give a folder saved by save_pretrained")
+    elif not any((Path(resolve_path(cfg.model.student)) / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"model.student={cfg.model.student!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                                f"set model.tokenizer to the folder of the student's tokenizer")
 
 
 def max_context(model_dir: str) -> Optional[int]:
