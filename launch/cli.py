@@ -49,7 +49,9 @@ def _serve_teacher(args) -> int:
 
     if args.token_budget < 1:
         raise ConfigError(f"--token-budget must be >= 1, got {args.token_budget}")
-    if args.device == "cuda":
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if args.device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA GPU is visible here; use --device cpu")
@@ -98,7 +100,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="teacher model folder")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--token-budget", type=int, default=16384)
     p.set_defaults(func=_serve_teacher)

@@ -304,11 +304,11 @@ class ObjectiveConfig:
         if self.pt_kd_ratio > 0 and self.pt_weight == 0:
             raise ConfigError(f"objective.pt_kd_ratio={self.pt_kd_ratio} mixes KD into the pretraining term, which is "
                               f"off: set objective.pt_weight > 0 (and data.pretrain), or pt_kd_ratio=0")
+        _positive("objective.ppo_epochs", self.ppo_epochs)
 
     def needs_teacher_distribution(self) -> bool:
         """Whether the loss reads the teacher's distribution (top-k or full), not only its sampled-token log-probs."""
         return self.name != "minillm" or self.single_step or self.pt_kd_ratio > 0
-        _positive("objective.ppo_epochs", self.ppo_epochs)
 
 
 @dataclass
@@ -593,11 +593,11 @@ def config_path(name_or_path: str) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") and p.is_file():
         return p
-    if p.exists():
-        raise ConfigError(f"config {name_or_path!r} is not a YAML file (.yaml or .yml)")
     shipped = CONFIG_DIR / f"{name_or_path}.yaml"
     if shipped.exists():
         return shipped
+    if p.exists():
+        raise ConfigError(f"config {name_or_path!r} is not a YAML file (.yaml or .yml)")
     names = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
     raise ConfigError(f"config {name_or_path!r} not found: give a YAML file or one of {', '.join(names)}")
 

@@ -7,7 +7,7 @@ import torch
 
 from rollout.forward import response_logits
 from rollout.mixed_sampling import lockstep_mixed_sample
-from rollout.types import RolloutBatch, SamplingSettings
+from rollout.types import RolloutBatch, SamplingSettings, pad_id_of
 from rollout.weight_sync import TensorMeta, load_bucket
 
 
@@ -20,14 +20,6 @@ def _truncate_at_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
             return out
     # No stop token: HF pads only after a stop, so a pad here is a real sampled token; keep all.
     return out
-
-
-def _scalar_pad_id(config) -> int:
-    """The id to pad rows with: the config's pad id, else its (first) EOS id (Llama 3 lists several), else 0."""
-    pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
-    if isinstance(pad, (list, tuple)):
-        pad = pad[0] if pad else None
-    return pad if pad is not None else 0
 
 
 class HFRolloutBackend:
@@ -45,7 +37,7 @@ class HFRolloutBackend:
         vocab_size: sample only ids below it (a teacher sampling for a student with fewer embedding rows)."""
         self.device = torch.device(device)
         self.model = self._load(model_path, getattr(torch, dtype))
-        self.pad_token_id = _scalar_pad_id(self.model.config)
+        self.pad_token_id = pad_id_of(self.model.config)
         own = self.model.get_output_embeddings().weight.shape[0]
         self.suppressed = list(range(vocab_size, own)) if vocab_size is not None and vocab_size < own else None
         self.teacher = None

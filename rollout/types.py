@@ -129,3 +129,12 @@ class RolloutBatch:
         first = batches[0]
         return RolloutBatch.from_lists(prompts, responses, first.pad_token_id, logprobs if has_lp else None,
                                        first.source, first.mix_alpha)
+
+
+def pad_id_of(config) -> int:
+    """The id a model's rows are padded with (always masked): its pad id, else its (first) EOS id (Llama 3 configs
+    list several and have no pad id), else 0."""
+    pad = config.pad_token_id if getattr(config, "pad_token_id", None) is not None else getattr(config, "eos_token_id", None)
+    if isinstance(pad, (list, tuple)):
+        pad = pad[0] if pad else None
+    return pad if pad is not None else 0

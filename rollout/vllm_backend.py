@@ -37,7 +37,7 @@ from typing import Optional, Sequence
 import torch
 
 from rollout.mixed_sampling import alternating_mixed_sample
-from rollout.types import RolloutBatch, SamplingSettings
+from rollout.types import RolloutBatch, SamplingSettings, pad_id_of
 from rollout.weight_sync import TensorMeta
 
 EXTENSION = "rollout.vllm_extension.WeightSyncExtension"
@@ -141,11 +141,7 @@ class VllmRolloutBackend:
             v_common = min(v_student, v_teacher)
             self._student_mask = _vocab_mask(v_student, v_common)
             self._teacher_mask = _vocab_mask(v_teacher, v_common)
-        hf_cfg = self.llm.model_config.hf_config
-        pad = getattr(hf_cfg, "pad_token_id", None)
-        eos = getattr(hf_cfg, "eos_token_id", None)
-        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-        self.pad_token_id = pad if pad is not None else (eos or 0)
+        self.pad_token_id = pad_id_of(self.llm.model_config.hf_config)
         self._asleep: set[str] = set()  # vLLM memory tags released by sleep() and not yet woken
 
     # ---- sampling -----------------------------------------------------------------------------

@@ -280,8 +280,8 @@ def test_save_student_files(tmp_path):
 
 
 def test_resume_under_another_learner_layout_names_the_key(tmp_path):
-    """ZeRO stage, rank count (ZeRO 1-3), bf16 and CPU offload shape the saved learner state: a resume that
-    changes one is refused before anything starts, naming the key; other changes (more steps) resume."""
+    """ZeRO stage, rank count, bf16 and CPU offload shape the saved learner state: a resume that changes one is
+    refused before anything starts, naming the key; other changes (more steps) resume."""
     from launch.config import ConfigError, load_config
     from trainer.loop import find_resume
 

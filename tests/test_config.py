@@ -45,6 +45,7 @@ def test_dotted_overrides_are_typed():
     ("cluster.num_cpus=0", "cluster.num_cpus must be > 0, got 0"),
     ("teacher.url=localhost:8000", "teacher.url must start with http:// or https://, got 'localhost:8000'"),
     ("trainer.steps=[1", "override 'trainer.steps=[1': the value is not valid YAML"),
+    ("objective.ppo_epochs=0", "objective.ppo_epochs must be > 0, got 0"),
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
@@ -57,13 +58,16 @@ def test_text_keys_take_what_yaml_reads_as_dates_or_numbers():
     assert (cfg.logging.wandb_run_name, cfg.data.prompt_key, cfg.output_dir) == ("2024-01-01", "1", "123")
 
 
-def test_config_files_that_are_not_yaml_or_not_valid(tmp_path):
+def test_config_files_that_are_not_yaml_or_not_valid(tmp_path, monkeypatch):
     (tmp_path / "notes.txt").write_text("trainer: {}")
     with pytest.raises(ConfigError, match="is not a YAML file"):
         load_config(str(tmp_path / "notes.txt"))
     (tmp_path / "dir.yaml").mkdir()
     with pytest.raises(ConfigError, match="is not a YAML file"):
         load_config(str(tmp_path / "dir.yaml"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gkd_cpu").mkdir()  # a folder named like a shipped config does not hide it
+    assert load_config("gkd_cpu").objective.name == "gkd"
     (tmp_path / "bad.yaml").write_text("trainer: {steps: [1}")
     with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
         load_config(str(tmp_path / "bad.yaml"))

@@ -86,6 +86,23 @@ def test_resume_reproduces_the_uninterrupted_losses(local_ray, tmp_path):
 
 
 @pytest.mark.slow
+def test_resume_adding_the_pretraining_loss(local_ray, tmp_path, caplog):
+    """A resume may add L_PT (objective.pt_weight + data.pretrain) to a run saved without it: a warning names the
+    change, and its pretraining order starts fresh (the checkpoint has no position for it)."""
+    import logging
+
+    overrides = [o for o in FAST if not o.startswith("trainer.steps")] + [
+        "trainer.steps=2", "checkpoint.every=1", "data.eval_prompts=null", f"output_dir={tmp_path}"]
+    assert train(load_config(None, overrides), Hooks(progress=False, stop_after=1)) == {"stopped_at": 1}
+    with caplog.at_level(logging.WARNING, logger="minillm"):
+        train(load_config(None, overrides + ["checkpoint.resume=auto", "objective.pt_weight=0.5",
+                                             "data.pretrain=builtin:corpus/pretrain.jsonl"]), Hooks(progress=False))
+    assert "objective.pt_weight: 0.0 -> 0.5" in caplog.text
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2] and "loss/pt_loss" not in rows[0] and rows[1]["loss/pt_loss"] > 0
+
+
+@pytest.mark.slow
 def test_sequence_level_kd_trains_on_teacher_samples(local_ray, tmp_path):
     """objective.seq_kd with λ=0: every batch is sampled by the teacher (checked on the batches)."""
     import torch.nn.functional as F

@@ -179,7 +179,13 @@ def _rotate(root: Path, keep_last: Optional[int], keep: Path) -> None:
         if p != keep:
             # out of sight first: a crash mid-delete must not leave a half checkpoint under a step_ name
             doomed = root / (TMP_PREFIX + "deleting-" + p.name)
-            os.replace(p, doomed)
+            if doomed.exists():  # left by an earlier delete that could not finish (e.g. busy NFS files)
+                shutil.rmtree(doomed, ignore_errors=True)
+            try:
+                os.replace(p, doomed)
+            except OSError as e:
+                logger.warning("could not rotate out old checkpoint %s: %s", p, e)
+                continue
             shutil.rmtree(doomed, ignore_errors=True)
 
 

@@ -29,8 +29,8 @@ from trainer import model_card
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A complete checkpoint dir from any of: a checkpoint dir (`.../step_00000003`), a
-    checkpoints dir (`.../checkpoints`, uses `latest`), or a run's output dir (`<output_dir>`,
-    uses `<output_dir>/checkpoints/latest`). Raises if nothing complete is found."""
+    checkpoints dir (`.../checkpoints`), or a run's output dir (`<output_dir>`): for the last two, the newest
+    complete checkpoint (`checkpoint.find_latest`). Raises if nothing complete is found."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint path {p} does not exist.")

@@ -212,6 +212,8 @@ def find_resume(cfg: RunConfig, out_dir: Path, data: Optional["Datasets"] = None
         return None
     if cfg.checkpoint.resume == "auto":
         path = ckpt.find_latest(out_dir / "checkpoints")
+        if path is None:  # a mistyped output_dir would otherwise start over unnoticed
+            log.warning("checkpoint.resume=auto: no complete checkpoint in %s; starting a new run", out_dir / "checkpoints")
     else:
         try:  # a checkpoint, a checkpoints folder or a run folder (its newest complete checkpoint), as for export
             path = resolve_checkpoint(resolve_path(cfg.checkpoint.resume))
@@ -245,10 +247,12 @@ def check_resumable(cfg: RunConfig, path: Path, data: Optional["Datasets"] = Non
     if diff:
         raise ConfigError(f"cannot resume from {path}: it was written with {', '.join(diff)}; resume with the "
                           f"checkpoint's values, or export it (minillm export) and start a new run from that model")
-    saved_student = path / ckpt.STUDENT_DIR / "config.json"
-    if saved_student.is_file():  # the learner would fail on shapes, after every role started
-        a = json.loads(saved_student.read_text())
-        b = json.loads((Path(resolve_path(cfg.model.student)) / "config.json").read_text())
+    if (path / ckpt.STUDENT_DIR / "config.json").is_file():  # the learner would fail on shapes, after every role started
+        from transformers import AutoConfig
+
+        # both through the same loader: the saved copy was written by save_pretrained, which fills in defaults
+        a = AutoConfig.from_pretrained(path / ckpt.STUDENT_DIR).to_dict()
+        b = AutoConfig.from_pretrained(resolve_path(cfg.model.student)).to_dict()
         shape = [f"{k} {a.get(k)!r} (now {b.get(k)!r})" for k in _ARCHITECTURE_KEYS if a.get(k) != b.get(k)]
         if shape:
             raise ConfigError(f"cannot resume from {path}: its student differs from model.student={cfg.model.student!r} "
@@ -414,7 +418,7 @@ def _run(cfg: RunConfig, roles: Roles, tokenizer, data: Datasets, out_dir: Path,
         train_data.load_state_dict(state["data"])
         # a changed objective.lam / seq_kd (warned about in check_resumable) applies from here; the draws go on
         mixer.load_state_dict({**state["mixer"], "lam": mixer.lam, "seq_kd": mixer.seq_kd})
-        if pretrain_data is not None:
+        if pretrain_data is not None and state.get("pretrain_data"):  # else L_PT is new here: its order starts fresh
             pretrain_data.load_state_dict(state["pretrain_data"])
         log.warning("resumed from %s at step %d", resume_from, start_step)
     metrics_log = MetricsLog(out_dir, resume_step=start_step, wandb_run=wandb_run)

@@ -81,8 +81,11 @@ def check_remote_teacher(cfg: RunConfig, tokenizer) -> None:
         from teacher.http_client import request_with_retries
 
         with httpx.Client(timeout=30.0) as http:
-            served = [m.get("id") for m in request_with_retries(http, "GET", t.url.rstrip("/") + "/v1/models", 2, 0.5)
-                      .json().get("data", [])]
+            try:
+                served = [m.get("id") for m in request_with_retries(http, "GET", t.url.rstrip("/") + "/v1/models", 2, 0.5)
+                          .json().get("data", [])]
+            except ValueError as e:  # 4xx (e.g. an API key it wants) or not JSON: not a vLLM server we can use
+                raise ConfigError(f"teacher.url={t.url}: /v1/models did not list the served models ({e})") from None
         name = t.served_model_name or cfg.model.teacher
         if name not in served:
             raise ConfigError(f"the vLLM server at teacher.url={t.url} serves {served}, not {name!r}: set "
