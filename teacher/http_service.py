@@ -6,8 +6,9 @@ Routes (api version 1):
     POST /v1/score   body: safetensors (sequences, prompt_lens, response_lens + metadata topk, return_full,
                      temperature, values_dtype [, vocab_size]) -> safetensors (token_logprobs [, topk_ids, topk_logprobs, full_logprobs])
 
-Errors are JSON ``{"detail": message}``: 400 malformed body, 413 body too large or sequence
-longer than the model's context, 422 invalid lengths (empty response, span beyond L, ...).
+Errors are JSON ``{"detail": message}``: 400 malformed body, 413 body (or a full-distribution answer) too
+large or sequence longer than the model's context, 415 another content-type, 422 invalid lengths (empty
+response, span beyond L, ...) or scalars (vocab_size, temperature).
 
 Run it:  ``python -m teacher.http_service --model-path /ckpt/teacher --port 8000 --device cuda --dtype bfloat16``
 or from Python: ``serve_teacher(model_path, host, port, device, dtype, token_budget)``.
@@ -22,15 +23,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from teacher.wire import API_VERSION, MEDIA_TYPE, WireFormatError, decode_request, encode_scores
+from teacher.wire import API_VERSION, MEDIA_TYPE, decode_request, encode_scores
 
 DEFAULT_MAX_BODY_BYTES = 256 * 2**20  # 256 MiB ~ 32M int64 tokens in the request
+MAX_FULL_VALUES = 2**30  # return_full: at most 4 GiB of fp32 log-probs in one response
 
 
 def create_app(model, info: dict, token_budget: int = 16384, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
     """FastAPI app around an already-loaded model; ``info`` comes from ``teacher.loading.describe_teacher``."""
     from teacher.loading import parse_dtype
-    from teacher.scoring import score_sequences
+    from teacher.scoring import score_sequences, validate_lengths
 
     app = FastAPI(title="minillm teacher", version=API_VERSION)
     # One forward at a time: concurrent requests would multiply activation memory.
@@ -50,17 +52,33 @@ def create_app(model, info: dict, token_budget: int = 16384, max_body_bytes: int
 
     @app.post("/v1/score")
     async def score(request: Request):
+        content_type = request.headers.get("content-type")
+        if content_type is not None and content_type.split(";")[0].strip() != MEDIA_TYPE:
+            return error(415, f"content-type {content_type!r}: send the request as {MEDIA_TYPE} (see teacher/API.md).")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
             return error(413, f"request body of {declared} bytes exceeds the server limit {max_body_bytes}; split the batch.")
-        body = await request.body()
-        if len(body) > max_body_bytes:
-            return error(413, f"request body of {len(body)} bytes exceeds the server limit {max_body_bytes}; split the batch.")
+        chunks, size = [], 0
+        async for chunk in request.stream():  # a chunked body has no length up front: stop reading at the limit
+            size += len(chunk)
+            if size > max_body_bytes:
+                return error(413, f"request body over the server limit {max_body_bytes} bytes; split the batch.")
+            chunks.append(chunk)
+        body = b"".join(chunks)
         try:
             req, values_dtype = decode_request(body)
             dtype = parse_dtype(values_dtype)
-        except (WireFormatError, ValueError) as e:
-            return error(400, str(e))
+        except Exception as e:  # anything a body can make decoding raise is the body's fault
+            return error(400, f"{e}" if isinstance(e, ValueError) else f"malformed request ({type(e).__name__}: {e})")
+        try:
+            validate_lengths(req.sequences, req.prompt_lens, req.response_lens)
+        except ValueError as e:
+            return error(422, str(e))
+        if req.return_full:
+            values = len(req.prompt_lens) * int(req.response_lens.max()) * (req.vocab_size or info["vocab_size"])
+            if values > MAX_FULL_VALUES:
+                return error(413, f"return_full asks for {values} values (N x T x V), over the server limit "
+                                  f"{MAX_FULL_VALUES}; split the batch or ask for top-k.")
         if max_context is not None:
             too_long = (req.prompt_lens + req.response_lens) > max_context
             if bool(too_long.any()):

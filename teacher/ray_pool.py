@@ -67,12 +67,14 @@ class TeacherActor:
         return True
 
 
-def _checked_inputs(sequences, prompt_lens, response_lens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CPU tensors, validated here: row errors name the caller's row ids, before anything is sent."""
+def _checked_inputs(sequences, prompt_lens, response_lens, limits: dict | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CPU tensors, validated here (`limits`: the teacher's max_context and vocab_size): row errors name the
+    caller's row ids, before anything is sent (a replica sees only its slice)."""
     from teacher.scoring import validate_lengths
 
     sequences, prompt_lens, response_lens = sequences.cpu(), prompt_lens.long().cpu(), response_lens.long().cpu()
-    validate_lengths(sequences, prompt_lens, response_lens)
+    validate_lengths(sequences, prompt_lens, response_lens, **(limits or {}))
     return sequences, prompt_lens, response_lens
 
 
@@ -182,6 +184,9 @@ class TeacherPool:
             self.actors.append(TeacherActor.options(**options).remote(model_path, device, dtype, token_budget, release_memory,
                                                                        vocab_size))
         ray.get([a.ping.remote() for a in self.actors])  # surface load errors now
+        info = ray.get(self.actors[0].vocab_info.remote())
+        self._limits = {"max_context": info.get("max_context"),
+                        "vocab_size": min(info["vocab_size"], vocab_size) if vocab_size else info["vocab_size"]}
 
     @property
     def num_replicas(self) -> int:
@@ -189,7 +194,7 @@ class TeacherPool:
 
     def score_async(self, sequences, prompt_lens, response_lens, topk: int = 0, return_full: bool = False, temperature: float = 1.0) -> PendingScores:
         """Submit a batch (shapes as ``score_sequences``) and return at once; call ``.result()`` later."""
-        sequences, prompt_lens, response_lens = _checked_inputs(sequences, prompt_lens, response_lens)
+        sequences, prompt_lens, response_lens = _checked_inputs(sequences, prompt_lens, response_lens, self._limits)
         T = int(response_lens.max())
         row_indices = balance_rows(prompt_lens + response_lens, self.num_replicas)
         refs, args = [], []
@@ -207,7 +212,7 @@ class TeacherPool:
         a step). Returns once scoring is done; a dead replica is retried as in ``score``."""
         if self.num_replicas != 1:
             raise ValueError(f"score_handoff needs a single replica (rows of several would need merging), got {self.num_replicas}")
-        sequences, prompt_lens, response_lens = _checked_inputs(sequences, prompt_lens, response_lens)
+        sequences, prompt_lens, response_lens = _checked_inputs(sequences, prompt_lens, response_lens, self._limits)
         args = self._replica_args(sequences, prompt_lens, response_lens, torch.arange(len(prompt_lens)), topk,
                                   return_full, temperature)
         small, whole = self.actors[0].score_split.remote(*args)

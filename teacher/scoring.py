@@ -16,9 +16,15 @@ The result equals ``torch.log_softmax(model(seq).logits.float(), -1)`` at those 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from teacher.types import TeacherScores
+from teacher.types import MIN_TEMPERATURE, TeacherScores
+
+# a student with more embedding rows than the teacher (padding) is fine; this many more is another tokenizer, and the
+# (chunk, V) blocks below grow with it
+MAX_EXTRA_VOCAB = 2**16
 
 # fp32 elements of one (chunk, V) logits block: 2**26 * 4 B = 256 MiB
 _LOGITS_CHUNK_ELEMS = 2**26
@@ -38,17 +44,20 @@ def validate_lengths(
     """
     if sequences.dim() != 2:
         raise ValueError(f"sequences must be (N, L), got shape {tuple(sequences.shape)}.")
-    if sequences.dtype.is_floating_point or sequences.dtype == torch.bool:
-        raise ValueError(f"sequences must hold integer token ids, got dtype {sequences.dtype}.")
+    if sequences.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"sequences must hold int64 or int32 token ids, got dtype {sequences.dtype}.")
     N, L = sequences.shape
     for name, x in (("prompt_lens", prompt_lens), ("response_lens", response_lens)):
         if x.dim() != 1 or x.shape[0] != N:
             raise ValueError(f"{name} must be ({N},) to match sequences {tuple(sequences.shape)}, got {tuple(x.shape)}.")
-        if x.dtype.is_floating_point:
-            raise ValueError(f"{name} must be an integer tensor, got dtype {x.dtype}.")
+        if x.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{name} must be an int64 or int32 tensor, got dtype {x.dtype}.")
         bad = (x < 0).nonzero().flatten().tolist()
         if bad:
             raise ValueError(f"{name} must be >= 0, got negative values in rows {bad[:8]}.")
+        bad = (x > L).nonzero().flatten().tolist()  # before the sum below, which could overflow
+        if bad:
+            raise ValueError(f"{name} beyond sequence length L = {L}: {x[bad[:8]].tolist()} in rows {bad[:8]}.")
     if N == 0:
         raise ValueError("empty batch: sequences has 0 rows.")
     bad = (prompt_lens < 1).nonzero().flatten().tolist()
@@ -77,11 +86,13 @@ def validate_lengths(
     if vocab_size is not None:
         cols = torch.arange(L, device=sequences.device)
         used = cols[None, :] < total[:, None].to(sequences.device)
-        ids = sequences[used]
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        outside = ((sequences < 0) | (sequences >= vocab_size)) & used
+        if bool(outside.any()):
+            ids = sequences[used]
+            bad = outside.any(dim=1).nonzero().flatten().tolist()
             raise ValueError(
-                f"token ids must be in [0, {vocab_size}) for this teacher, got range [{int(ids.min())}, {int(ids.max())}]; "
-                f"student and teacher tokenizers probably differ (see teacher.tokenizer_check)."
+                f"token ids outside [0, {vocab_size}) for this teacher in rows {bad[:8]} (range [{int(ids.min())}, "
+                f"{int(ids.max())}]); student and teacher tokenizers probably differ (see teacher.tokenizer_check)."
             )
 
 
@@ -160,8 +171,8 @@ def score_sequences(
     """
     if topk < 0:
         raise ValueError(f"topk must be >= 0, got {topk}.")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if not (math.isfinite(temperature) and temperature >= MIN_TEMPERATURE):
+        raise ValueError(f"temperature must be finite and >= {MIN_TEMPERATURE}, got {temperature}.")
     if values_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"values_dtype must be float32, bfloat16 or float16, got {values_dtype}.")
     prompt_lens, response_lens = prompt_lens.long().cpu(), response_lens.long().cpu()
@@ -169,8 +180,9 @@ def score_sequences(
         max_context = getattr(model.config, "max_position_embeddings", None)
     V_model = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
     V = V_model if vocab_size is None else vocab_size
-    if V < 1:
-        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}.")
+    if not 1 <= V <= V_model + MAX_EXTRA_VOCAB:
+        raise ValueError(f"vocab_size must be in [1, {V_model + MAX_EXTRA_VOCAB}] (the teacher's {V_model} rows + "
+                         f"{MAX_EXTRA_VOCAB}: a student vocabulary much larger is another tokenizer), got {vocab_size}.")
     validate_lengths(sequences, prompt_lens, response_lens, max_context=max_context, vocab_size=min(V, V_model))
     if topk > min(V, V_model):
         raise ValueError(f"topk={topk} exceeds the teacher vocabulary size {min(V, V_model)}.")

@@ -16,11 +16,15 @@ Every backend (``score_sequences``, ``TeacherPool``, ``HttpTeacherClient``,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 from typing import Optional
 
 import torch
+
+# below this, fp32 logits / temperature overflow or round the temperature to 0 (NaN log-probs)
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass
@@ -51,8 +55,8 @@ class ScoreRequest:
             raise ValueError(f"topk must be >= 0, got {self.topk}.")
         if self.vocab_size is not None and self.vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}.")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if not (math.isfinite(self.temperature) and self.temperature >= MIN_TEMPERATURE):
+            raise ValueError(f"temperature must be finite and >= {MIN_TEMPERATURE}, got {self.temperature}.")
 
 
 @dataclass

@@ -41,7 +41,10 @@ class VllmServerTeacherClient:
         timeout, retries, backoff: as ``HttpTeacherClient``.
         vocab_size (`int`, *optional*): the student's vocabulary size. vLLM ranks the teacher's whole vocabulary,
             embedding padding included: top-k ids at or past it (rows the student lacks) are dropped, and a
-            position left with fewer than K ids is an error naming the fix.
+            position left with fewer than K ids is an error naming the fix. Unlike the Ray and HTTP scorers, which
+            renormalise over the student's ids, the log-probs stay normalised over the teacher's whole vocabulary
+            (vLLM returns no logits to renormalise with): the gap is the log of the mass on the padding rows, which
+            a trained teacher puts near zero.
     """
 
     def __init__(self, base_url: str, model_name: str, topk: int = 0, rows_per_request: int = 64,

@@ -38,7 +38,12 @@ def read_metadata(body: bytes) -> dict[str, str]:
         header = json.loads(body[8 : 8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise WireFormatError(f"safetensors header is not JSON: {e}") from e
-    return header.get("__metadata__") or {}
+    if not isinstance(header, dict):
+        raise WireFormatError(f"safetensors header must be a JSON object, got a {type(header).__name__}.")
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise WireFormatError("safetensors __metadata__ must map strings to strings.")
+    return meta
 
 
 def _load(body: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -72,6 +77,12 @@ def decode_request(body: bytes) -> tuple[ScoreRequest, str]:
         raise WireFormatError(f"request is missing tensors {missing}; expected sequences, prompt_lens, response_lens.")
     if meta.get("api_version", API_VERSION) != API_VERSION:
         raise WireFormatError(f"api_version {meta['api_version']!r} not supported, this server speaks {API_VERSION!r}.")
+    for name in ("sequences", "prompt_lens", "response_lens"):  # int32 is accepted and widened
+        t = tensors[name]
+        if t.dtype not in (torch.int64, torch.int32) or t.dim() != (2 if name == "sequences" else 1):
+            raise WireFormatError(f"{name} must be a {'2' if name == 'sequences' else '1'}-D int64 (or int32) tensor, "
+                                  f"got {t.dim()}-D {t.dtype}.")
+        tensors[name] = t.long()
     try:
         topk = int(meta.get("topk", "0"))
         return_full = bool(int(meta.get("return_full", "0")))

@@ -10,7 +10,7 @@ import torch
 
 from teacher.http_client import HttpTeacherClient, TeacherUnavailableError
 from teacher.testing import assert_scores_match, free_port, random_batch, reference_scores, save_tiny_teacher, serving, tiny_llama
-from teacher.wire import MEDIA_TYPE, decode_request, encode_request
+from teacher.wire import MEDIA_TYPE, decode_request, decode_scores, encode_request
 from teacher.types import ScoreRequest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,6 +68,59 @@ def test_http_errors(server, batch_and_ref):
     long = torch.full((1, 300), 5)
     too_long = post(encode_request(ScoreRequest(long, torch.tensor([150]), torch.tensor([150]))))
     assert too_long.status_code == 413 and "max context 128" in too_long.json()["detail"]
+
+
+def test_hostile_bodies_get_a_4xx_and_the_server_stays_up(server, batch_and_ref):
+    """Bodies built to break decoding or allocation (a header that is not an object, byte-sized ids, lengths whose
+    sum overflows int64, a vocabulary of 2^42, a temperature that is 0 in fp32, another content-type) get a 4xx
+    naming the problem, never a 500; the next good request is answered."""
+    import json
+    import struct
+
+    from safetensors.torch import save as st_save
+
+    (seqs, p, r), ref = batch_and_ref
+    post = lambda body, ct=MEDIA_TYPE: httpx.post(server + "/v1/score", content=body, headers={"content-type": ct},
+                                                  timeout=10)
+    header = json.dumps([1, 2]).encode()
+    cases = [
+        (struct.pack("<Q", len(header)) + header, 400, "header must be a JSON object"),
+        (st_save({"sequences": seqs.to(torch.uint8), "prompt_lens": p, "response_lens": r}, metadata={"topk": "0"}),
+         400, "sequences must be a 2-D int64"),
+        (encode_request(ScoreRequest(seqs[:1], torch.tensor([2**62]), torch.tensor([2**62]))), 422,
+         "prompt_lens beyond sequence length"),
+        (encode_request(ScoreRequest(seqs, p, r, vocab_size=2**42)), 422, "vocab_size must be in [1, "),
+        (st_save({"sequences": seqs, "prompt_lens": p, "response_lens": r}, metadata={"temperature": "1e-300"}), 400,
+         "temperature must be finite and >= 1e-06"),
+    ]
+    for body, status, needle in cases:
+        resp = post(body)
+        assert resp.status_code == status and needle in resp.json()["detail"], (status, resp.status_code, resp.text)
+    wrong_type = post(encode_request(ScoreRequest(seqs, p, r)), ct="text/plain")
+    assert wrong_type.status_code == 415 and MEDIA_TYPE in wrong_type.json()["detail"]
+    good = post(encode_request(ScoreRequest(seqs, p, r)))
+    assert good.status_code == 200
+    torch.testing.assert_close(decode_scores(good.content).token_logprobs, ref.token_logprobs, atol=ATOL, rtol=0)
+
+
+def test_body_and_answer_size_limits(monkeypatch):
+    """A chunked body (no length up front) over the limit and a full-distribution answer over the limit get 413."""
+    from fastapi.testclient import TestClient
+
+    from teacher import http_service
+    from teacher.loading import describe_teacher
+
+    model = tiny_llama()
+    app = http_service.create_app(model, describe_teacher(model, "tiny"), max_body_bytes=4096)
+    monkeypatch.setattr(http_service, "MAX_FULL_VALUES", 1000)
+    seqs, p, r = random_batch(4, 64, seed=1)
+    with TestClient(app) as tc:
+        body = encode_request(ScoreRequest(seqs, p, r, return_full=True))
+        assert len(body) < 4096
+        full = tc.post("/v1/score", content=body, headers={"content-type": MEDIA_TYPE})
+        assert full.status_code == 413 and "return_full asks for" in full.json()["detail"]
+        chunked = tc.post("/v1/score", content=(b"x" * 1024 for _ in range(64)), headers={"content-type": MEDIA_TYPE})
+        assert chunked.status_code == 413 and "over the server limit 4096" in chunked.json()["detail"]
 
 
 def test_client_raises_value_error_on_4xx(client, batch_and_ref):

@@ -50,9 +50,17 @@ def test_score_async_and_single_row(pool, batch_and_ref):
 
 
 def test_pool_rejects_bad_rows_before_sending(pool, batch_and_ref):
+    """Errors name the caller's rows, also those only a replica's limits catch (context, vocabulary): each replica
+    sees its own slice, numbered from 0."""
     (seqs, p, r), _ = batch_and_ref
     with pytest.raises(ValueError, match="empty response in rows \\[4\\]"):
         pool.score(seqs, p, torch.where(torch.arange(10) == 4, 0, r))
+    long = torch.full((10, 200), 5)
+    lens = torch.full((10,), 10)
+    with pytest.raises(ValueError, match=r"max context 128 in rows \[8\]"):
+        pool.score(long, lens, torch.where(torch.arange(10) == 8, 150, 10))
+    with pytest.raises(ValueError, match=r"ids outside \[0, 64\).* rows \[6\]"):
+        pool.score(torch.where(torch.arange(10)[:, None] == 6, 70, seqs), p, r)
 
 
 def test_vocab_info(pool):
