@@ -84,35 +84,54 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("ray") is None, reason="the `ray` CLI is not installed")
-def test_loopback_head():
+@pytest.mark.parametrize("auth", ["disabled", "token"])
+def test_loopback_head_and_worker(tmp_path, auth):
+    """The head and a worker started by the scripts form one cluster. In token mode (the scripts' default: Ray 2.60
+    refuses a node or client in another mode) the head makes the token and the worker, in the same home, joins."""
     port = _free_port()
     temp_dir = tempfile.mkdtemp(prefix="mray", dir="/tmp")  # short: Ray's unix socket paths have a length limit
     env = {**os.environ, "MINILLM_RAY_PORT": str(port), "MINILLM_NUM_CPUS": "2", "MINILLM_NUM_GPUS": "0",
            "MINILLM_INCLUDE_DASHBOARD": "false", "MINILLM_RAY_TEMP_DIR": temp_dir,
+           "HOME": str(tmp_path),  # the token file, if any, is this test's own
            # fixed default ports (client server 10001, dashboard agent 52365) could clash with other clusters
-           "MINILLM_RAY_EXTRA": f"--ray-client-server-port={_free_port()} --dashboard-agent-listen-port={_free_port()}",
-           # Ray 2.60 turns token auth on for new clusters; this private loopback cluster opts out
-           "RAY_AUTH_MODE": "disabled"}
-    # own session: `ray start` daemonises gcs_server/raylet/... into this process group, which we end below
-    proc = subprocess.Popen(["bash", str(CLUSTER / "start_head.sh")], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        out, _ = proc.communicate(timeout=45)
-        assert proc.returncode == 0, out
-        deadline = time.monotonic() + 30
+           "MINILLM_RAY_EXTRA": f"--ray-client-server-port={_free_port()} --dashboard-agent-listen-port={_free_port()}"}
+    env.pop("RAY_AUTH_MODE", None)
+    if auth == "disabled":
+        env["RAY_AUTH_MODE"] = "disabled"
+    status_env = {**env, "RAY_AUTH_MODE": auth}  # a client in the cluster's mode
+    worker_env = {**env, "MINILLM_NUM_CPUS": "1", "MINILLM_RAY_EXTRA": f"--dashboard-agent-listen-port={_free_port()}"}
+    procs = []
+
+    def start(script, *args, env):
+        # own session: `ray start` daemonises gcs_server/raylet/... into this process group, which we end below
+        procs.append(subprocess.Popen(["bash", str(CLUSTER / script), *args], env=env, start_new_session=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        out, _ = procs[-1].communicate(timeout=60)
+        assert procs[-1].returncode == 0, out
+
+    def cluster_cpus(want: str) -> str:
+        deadline = time.monotonic() + 40
         while True:  # `ray status` answers "No cluster status" until the autoscaler's first report
-            status = subprocess.run(["ray", "status", "--address", f"127.0.0.1:{port}"], env=env,
+            status = subprocess.run(["ray", "status", "--address", f"127.0.0.1:{port}"], env=status_env,
                                     capture_output=True, text=True, timeout=30)
             assert status.returncode == 0, status.stderr[-2000:]
-            if "No cluster status" not in status.stdout or time.monotonic() > deadline:
-                break
+            if want in status.stdout or time.monotonic() > deadline:
+                return status.stdout
             time.sleep(1)
-        assert "2.0 CPU" in status.stdout, status.stdout  # MINILLM_NUM_CPUS reached `ray start`
+
+    try:
+        start("start_head.sh", env=env)
+        if auth == "token":
+            assert (tmp_path / ".ray" / "auth_token").is_file()
+        assert "2.0 CPU" in cluster_cpus("2.0 CPU")  # MINILLM_NUM_CPUS reached `ray start`
+        start("start_worker.sh", f"127.0.0.1:{port}", env=worker_env)
+        assert "3.0 CPU" in cluster_cpus("3.0 CPU")
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            time.sleep(2)
+        for proc in procs:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                time.sleep(2)
         shutil.rmtree(temp_dir, ignore_errors=True)

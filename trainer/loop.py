@@ -372,7 +372,8 @@ def _start_and_run(cfg: RunConfig, tokenizer, data: Datasets, out_dir: Path, res
     if not ray.is_initialized():
         # joining a cluster (address set) takes its resources as they are; a local one gets cluster.num_cpus
         local = cfg.cluster.address is None
-        ray.init(address=cfg.cluster.address, num_cpus=cfg.cluster.num_cpus if local else None,
+        # "local": a new private cluster even where one runs (ray.init() alone would join the latest one started)
+        ray.init(address="local" if local else cfg.cluster.address, num_cpus=cfg.cluster.num_cpus if local else None,
                  include_dashboard=False, logging_level=logging.WARNING)
     placement = create_placement(cfg)
     roles = None

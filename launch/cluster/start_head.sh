@@ -12,6 +12,7 @@
 #   MINILLM_RAY_BLOCK=0              1: stay in the foreground (containers, srun); Ctrl-C / SIGTERM stops the node
 #   MINILLM_RAY_TEMP_DIR             Ray's session folder (default /tmp/ray)
 #   MINILLM_RAY_EXTRA                extra `ray start` flags, split on spaces
+#   RAY_AUTH_MODE=token              token (default; same token on every machine) or disabled (everywhere)
 # Stop with `ray stop` on this node (which stops every Ray process of this user here).
 set -euo pipefail
 
@@ -25,6 +26,12 @@ if [[ $# -gt 0 ]]; then
         *) echo "start_head.sh: unexpected argument '$1' (configure with the MINILLM_* variables)" >&2; usage 2 ;;
     esac
 fi
+
+# Ray 2.60 token authentication: head, workers and submitters must run in one mode (another is refused).
+# token (the default here): the same token on every machine, from a shared ~/.ray/auth_token or
+# `export RAY_AUTH_TOKEN=<the head's \`ray get-auth-token\`>`; RAY_AUTH_MODE=disabled everywhere on a trusted network.
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+[[ "$RAY_AUTH_MODE" == token ]] && ray get-auth-token --generate >/dev/null  # makes ~/.ray/auth_token if missing
 
 args=(--head
       --port="${MINILLM_RAY_PORT:-6379}"

@@ -10,6 +10,7 @@
 #   MINILLM_RAY_BLOCK=0              1: stay in the foreground (containers, srun)
 #   MINILLM_RAY_TEMP_DIR             Ray's session folder (default /tmp/ray)
 #   MINILLM_RAY_EXTRA                extra `ray start` flags, split on spaces
+#   RAY_AUTH_MODE=token              token (default; same token on every machine) or disabled (everywhere)
 set -euo pipefail
 
 usage() {
@@ -26,6 +27,11 @@ case "$1" in
 esac
 head="$1"
 [[ "$head" == *:* ]] || head="$head:${MINILLM_RAY_PORT:-6379}"
+
+# Ray 2.60 token authentication: head, workers and submitters must run in one mode (another is refused).
+# token (the default here): the same token on every machine, from a shared ~/.ray/auth_token or
+# `export RAY_AUTH_TOKEN=<the head's \`ray get-auth-token\`>`; RAY_AUTH_MODE=disabled everywhere on a trusted network.
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 
 args=(--address="$head" --disable-usage-stats)
 [[ -n "${MINILLM_NUM_CPUS:-}" ]] && args+=(--num-cpus="$MINILLM_NUM_CPUS")

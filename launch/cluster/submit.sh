@@ -13,6 +13,7 @@
 #   MINILLM_DASHBOARD_PORT=8265      its job API port
 #   MINILLM_SUBMIT_ARGS              extra `ray job submit` flags (e.g. --no-wait), split on spaces
 #   MINILLM_DRY_RUN=0                1: print the command instead of running it
+#   RAY_AUTH_MODE=token              token (default; same token on every machine) or disabled (everywhere)
 set -euo pipefail
 
 usage() {
@@ -49,6 +50,11 @@ elif [[ ! -f "$repo_root/launch/configs/$config.yaml" ]]; then
     echo "submit.sh: '$config' is neither a YAML file nor a shipped config (launch/configs/*.yaml)" >&2
     usage 2
 fi
+
+# Ray 2.60 token authentication: head, workers and submitters must run in one mode (another is refused).
+# token (the default here): the same token on every machine, from a shared ~/.ray/auth_token or
+# `export RAY_AUTH_TOKEN=<the head's \`ray get-auth-token\`>`; RAY_AUTH_MODE=disabled everywhere on a trusted network.
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 
 address="http://${MINILLM_HEAD:-127.0.0.1}:${MINILLM_DASHBOARD_PORT:-8265}"
 # VLLM_USE_FLASHINFER_SAMPLER=0 matches the docker image; HF_HUB_OFFLINE=1 so no node downloads.
