@@ -1,12 +1,12 @@
-"""Build the embedded default's assets reproducibly: corpus, tokenizer, tiny teacher, tiny student config.
+"""Build the embedded default's assets reproducibly: corpus, tokenizer, tiny teacher, tiny student.
 
     python -m launch.build_assets            # rebuild everything into launch/assets/
 
 The corpus is a small synthetic language (seeded): sentences about animals with verb-object
 agreement, counting runs and one-digit additions, so that a trained teacher has real structure
 to pass on (its next-token distribution is far from anything a random student produces).
-The teacher is a 4-layer Llama trained on it for a few CPU minutes; the student is a 2-layer
-Llama config whose weights the run initialises at random.
+The teacher is a 4-layer Llama trained on it for a few CPU minutes; the student is a 2-layer Llama
+briefly fine-tuned on the same text (MiniLLM starts from an SFT student).
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from launch.config import ConfigError, load_config
 
 def _train(args) -> int:
     overrides = list(args.overrides)
-    if args.resume:
+    if args.resume and not any(o.startswith("checkpoint.resume=") for o in overrides):  # a given PATH stays
         overrides.append("checkpoint.resume=auto")
     cfg = load_config(args.config, overrides)  # all validation happens here, before any model loads
     from trainer.loop import Hooks, train
@@ -105,7 +105,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--token-budget", type=int, default=16384)
     p.set_defaults(func=_serve_teacher)
 
-    p = sub.add_parser("build-assets", help="rebuild the embedded tiny teacher, student config, tokenizer and corpus")
+    p = sub.add_parser("build-assets", help="rebuild the embedded tiny teacher and student, tokenizer and corpus")
     p.set_defaults(func=_build_assets)
     ap.commands = dict(sub.choices)
     return ap

@@ -78,7 +78,8 @@ class DataConfig:
     chat_template (bool, *optional*, defaults to False): apply the tokenizer's chat template.
     eval_prompts (str, *optional*): held-out prompts for the before/after reverse-KL report.
     num_eval_prompts (int, *optional*, defaults to 32).
-    pretrain (str, *optional*): text data (`.jsonl` with a `text` field) for MiniLLM's L_PT loss.
+    pretrain (str, *optional*): text data for MiniLLM's L_PT loss: rows with a `text` field, from a
+        `.jsonl`, `.parquet` or `hf:NAME[:SPLIT]` source.
     pretrain_max_len (int, *optional*, defaults to 512): pretraining documents are cut into windows
         of at most this many tokens (BOS as the tokenizer adds it, EOS closing each document).
     max_prompt_len (int, *optional*, defaults to 256): longer prompts are an error, not truncated.
@@ -199,8 +200,9 @@ class TeacherConfig:
         token only). Used by the top-k forms of the objectives when `return_full` is off.
     return_full (bool, *optional*, defaults to True): return the full teacher distribution
         (exact single-step / divergence terms; fine for small vocabularies or colocated teachers).
+        Backend "ray" only.
     url (str, *optional*): service address for "http"/"vllm_server".
-    served_model_name (str, *optional*): model name on the vLLM server.
+    served_model_name (str, *optional*): model name on the vLLM server (default: `model.teacher`).
     token_budget (int, *optional*, defaults to 16384): tokens per teacher micro-batch.
     num_gpus (float, *optional*, defaults to 0): GPUs per teacher replica.
     num_cpus (float, *optional*, defaults to 1): CPUs per teacher replica.
@@ -376,7 +378,8 @@ class CheckpointConfig:
     every (int, *optional*, defaults to 0): checkpoint every N steps (0 = only at the end).
     keep_last (int, *optional*, defaults to 2): complete checkpoints kept.
     resume (str, *optional*, defaults to "never"): "never", "auto" (latest complete checkpoint
-        in the run's checkpoint folder, if any) or a checkpoint path.
+        in the run's checkpoint folder, if any) or a path: a checkpoint, a checkpoints folder, or a run
+        folder (its newest complete checkpoint).
     """
 
     every: int = 0
@@ -463,7 +466,8 @@ class RunConfig:
         if self.rollout.mix_alpha > 0 and self.objective.name != "minillm":
             raise ConfigError("rollout.mix_alpha (teacher-mixed sampling) is for objective.name=minillm")
         if self.objective.pt_weight > 0 and not self.data.pretrain:
-            raise ConfigError("objective.pt_weight > 0 needs data.pretrain (a .jsonl with a 'text' field)")
+            raise ConfigError("objective.pt_weight > 0 needs data.pretrain (rows with a 'text' field: .jsonl, "
+                              ".parquet or hf:NAME[:SPLIT])")
         if self.rollout.backend == "vllm" and self.trainer.device != "cuda":
             raise ConfigError("rollout.backend=vllm needs a GPU: set trainer.device=cuda (or rollout.backend=hf)")
         if r.sleep_mode and r.backend != "vllm":

@@ -6,9 +6,10 @@ Routes (api version 1):
     POST /v1/score   body: safetensors (sequences, prompt_lens, response_lens + metadata topk, return_full,
                      temperature, values_dtype [, vocab_size]) -> safetensors (token_logprobs [, topk_ids, topk_logprobs, full_logprobs])
 
-Errors are JSON ``{"detail": message}``: 400 malformed body, 413 body (or a full-distribution answer) too
-large or sequence longer than the model's context, 415 another content-type, 422 invalid lengths (empty
-response, span beyond L, ...) or scalars (vocab_size, temperature).
+Errors are JSON ``{"detail": message}``: 400 malformed body or metadata scalar (e.g. a temperature that is
+not finite or below 1e-6), 413 body (or a full-distribution answer) too large or sequence longer than the
+model's context, 415 another content-type, 422 invalid lengths (empty response, span beyond L, ...) or a
+vocab_size far beyond the teacher's rows.
 
 Run it:  ``python -m teacher.http_service --model-path /ckpt/teacher --port 8000 --device cuda --dtype bfloat16``
 or from Python: ``serve_teacher(model_path, host, port, device, dtype, token_budget)``.

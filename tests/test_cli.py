@@ -91,3 +91,13 @@ def test_train_errors_a_user_fixes_are_one_line_and_leave_no_run_folder(tmp_path
     assert main(["train", f"output_dir={earlier}"]) == 2
     assert "holds checkpoints of an earlier run: pass --resume" in capsys.readouterr().err
     assert sorted(p.name for p in earlier.rglob("*")) == ["checkpoints", "metrics.jsonl", "step_00000001"]
+
+
+def test_resume_flag_keeps_a_given_checkpoint_path(monkeypatch):
+    import trainer.loop
+
+    seen = []
+    monkeypatch.setattr(trainer.loop, "train", lambda cfg, hooks: seen.append(cfg.checkpoint.resume))
+    assert main(["train", "--resume"]) == 0
+    assert main(["train", "checkpoint.resume=runs/old/checkpoints/step_00000004", "--resume"]) == 0
+    assert seen == ["auto", "runs/old/checkpoints/step_00000004"]

@@ -84,10 +84,12 @@ def test_online_wandb_without_login_fails_before_any_actor_and_leaves_no_run_fol
     _no_wandb_login(monkeypatch, tmp_path)
     out = tmp_path / "run"
     cfg = load_config(None, FAST + [f"output_dir={out}", "logging.wandb_project=p"])
-    with pytest.raises(RuntimeError, match="wandb login.*WANDB_API_KEY.*logging.wandb_mode=offline"):
+    with pytest.raises(ConfigError, match="wandb login.*WANDB_API_KEY.*logging.wandb_mode=offline"):
         train(cfg, Hooks(progress=False))
     assert not out.exists()
     assert not ray.is_initialized()  # failed before the cluster started
+    from launch.cli import main  # through the CLI: one line, exit 2
+    assert main(["train", f"output_dir={out}", "logging.wandb_project=p", *FAST]) == 2
 
 
 @pytest.mark.slow

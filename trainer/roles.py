@@ -65,6 +65,8 @@ def check_remote_teacher(cfg: RunConfig, tokenizer) -> None:
         client = HttpTeacherClient(t.url, timeout=30.0, retries=2)
         try:
             info = client.vocab_info()
+        except ValueError as e:  # a 4xx: something answers there, but not our teacher service
+            raise ConfigError(f"teacher.url={t.url}: /v1/info was refused ({e}); is it a `minillm serve-teacher`?") from None
         finally:
             client.close()
         special = info.get("special_token_ids") or {}

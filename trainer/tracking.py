@@ -5,7 +5,7 @@ import json
 import uuid
 from pathlib import Path
 
-from launch.config import RunConfig
+from launch.config import ConfigError, RunConfig
 
 WANDB_ID_FILE = "wandb_run_id"
 
@@ -28,7 +28,7 @@ def start_wandb(cfg: RunConfig, out_dir: Path, resuming: bool):
         run = wandb.init(project=lc.wandb_project, entity=lc.wandb_entity, name=lc.wandb_run_name or out_dir.resolve().name,
                          id=run_id, resume="allow", mode=lc.wandb_mode, dir=str(out_dir), config=cfg.to_dict())
     except Exception as e:  # wandb raises several types (UsageError, CommError, ...); all mean the same to the user
-        raise RuntimeError(
+        raise ConfigError(
             f"Weights & Biases could not start ({type(e).__name__}: {e}). Log in with `wandb login` or set "
             f"WANDB_API_KEY, or set logging.wandb_mode=offline (upload later with `wandb sync`), or unset "
             f"logging.wandb_project.") from e
