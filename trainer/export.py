@@ -27,7 +27,7 @@ from trainer import model_card
 # ---- locating a checkpoint -------------------------------------------------------------------
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
+def resolve_checkpoint(path: str | os.PathLike, verify_data: bool = True) -> Path:
     """A complete checkpoint dir from any of: a checkpoint dir (`.../step_00000003`), a
     checkpoints dir (`.../checkpoints`), or a run's output dir (`<output_dir>`): for the last two, the newest
     complete checkpoint (`checkpoint.find_latest`). Raises if nothing complete is found."""
@@ -35,7 +35,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if not p.exists():
         raise FileNotFoundError(f"checkpoint path {p} does not exist.")
     if (p / ckpt.MANIFEST).exists() or ckpt._STEP_RE.match(p.name):
-        ok, reason = ckpt.is_complete(p)
+        ok, reason = ckpt.is_complete(p, verify_data=verify_data)
         if not ok:
             raise FileNotFoundError(f"checkpoint {p} is incomplete or corrupt: {reason}.")
         return p
@@ -127,16 +127,18 @@ def _build_model(student_dir: Path, sd: dict[str, torch.Tensor], dtype: Optional
 
 
 def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                      overwrite: bool = False, dtype: Optional[torch.dtype | str] = None) -> Path:
+                      overwrite: bool = False, dtype: Optional[torch.dtype | str] = None,
+                      verify_data: bool = True) -> Path:
     """Write a Hugging Face model folder for a checkpoint; return `out_dir`.
 
     `checkpoint_dir` may be a checkpoint, a checkpoints dir or a run's output dir (its latest
     complete checkpoint is used, see `resolve_checkpoint`). `dtype` (e.g. "bfloat16") defaults to
     the student config's dtype. A non-empty `out_dir` is refused unless `overwrite`. The folder is
     written to a temp sibling and renamed into place, so an interrupted export leaves no
-    half-written `out_dir`.
+    half-written `out_dir`. `verify_data=False` checks file sizes only, not their CRC-32 sums (for a
+    checkpoint the caller has just written or verified).
     """
-    src = resolve_checkpoint(checkpoint_dir)
+    src = resolve_checkpoint(checkpoint_dir, verify_data)
     out = Path(out_dir)
     source, target = src.resolve(), out.resolve()
     if target == source or target in source.parents or source in target.parents:
