@@ -166,10 +166,8 @@ class Learner:
                             self.engine, pt_mb, global_pretrain_tokens, kd_ratio=self.obj.pt_kd_ratio,
                             scores=select_scores(pretrain_scores, pt_groups[i], pt_mb.max_response_len))
                         if epoch == 0:  # this rank's share of the global mean: scale like the rest
-                            names = {"pt_loss": "pt_loss", "lm_loss": "pt_lm_loss", "kd_loss": "pt_kd_loss"}
                             for k, v in pt_metrics.items():
-                                if k == "pt_loss" or self.obj.pt_kd_ratio > 0:  # without KD: one figure
-                                    sums[names[k]] = sums.get(names[k], 0.0) + v * global_tokens
+                                sums[k] = sums.get(k, 0.0) + v * global_tokens
                     else:
                         pt_loss = self._dummy_loss()
                     loss = loss + self.obj.pt_weight * pt_loss

@@ -84,10 +84,14 @@ def lm_batch_loss(model, batch: RolloutBatch, global_tokens: int, scores: Option
                   kd_ratio: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """MiniLLM's L_PT: next-token NLL on pretraining text (its "response" part), share of the global mean;
     with `kd_ratio` > 0 mixed with the forward KL from the teacher's `scores` on the same tokens (the code's
-    `--kd-ratio`). Metrics are the same shares (the driver adds them over micro-batches and ranks)."""
+    `--kd-ratio`). Metrics are the same shares (the driver adds them over micro-batches and ranks): pt_loss, and
+    with KD its two parts, pt_lm_loss and pt_kd_loss."""
     logits = response_logits(model, batch)
     mask = batch.response_mask().to(logits.device)
     teacher = teacher_kwargs(scores, logits.device) if kd_ratio > 0 else {}
     loss, metrics = pt_loss_with_kd(logits, batch.response_tokens().to(logits.device), mask, kd_ratio=kd_ratio,
                                     num_tokens=max(global_tokens, 1), **teacher)
-    return loss, {k: float(v) for k, v in metrics.items()}
+    if kd_ratio == 0:
+        return loss, {"pt_loss": float(metrics["pt_loss"])}  # without KD the LM part is the whole
+    return loss, {"pt_loss": float(metrics["pt_loss"]), "pt_lm_loss": float(metrics["lm_loss"]),
+                  "pt_kd_loss": float(metrics["kd_loss"])}
