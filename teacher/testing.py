@@ -90,6 +90,15 @@ def assert_scores_match(out: TeacherScores, ref: TeacherScores, atol: float = 1e
         assert torch.equal(out.topk_ids, ref.topk_ids)
 
 
+def assert_scores_over_vocabulary(score, vocab_size: int, seed: int, atol: float = 1e-5) -> None:
+    """`score(sequences, prompt_lens, response_lens, topk=, return_full=)` of a backend built for a student of
+    `vocab_size` ids gives the direct reference's distributions over those ids (ids of the batch stay below it)."""
+    batch = random_batch(6, vocab_size, seed=seed)
+    out = score(*batch, topk=4, return_full=True)
+    assert out.full_logprobs.shape[-1] == vocab_size
+    assert_scores_match(out, reference_scores(tiny_llama(), *batch, topk=4, vocab_size=vocab_size), atol)
+
+
 def fake_vllm_app(model, model_name: str, max_model_len: int, max_logprobs: int = 20):
     """FastAPI app mimicking vLLM 0.26's ``/v1/completions`` (token-id prompts, ``prompt_logprobs``) from a real HF model.
 

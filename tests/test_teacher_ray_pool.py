@@ -6,7 +6,8 @@ import torch
 ray = pytest.importorskip("ray")
 
 from teacher.ray_pool import TeacherPool, balance_rows  # noqa: E402
-from teacher.testing import assert_scores_match, random_batch, reference_scores, save_tiny_teacher, tiny_llama  # noqa: E402
+from teacher.testing import (assert_scores_over_vocabulary, random_batch, reference_scores, save_tiny_teacher,  # noqa: E402
+                             tiny_llama)
 
 ATOL = 1e-5
 
@@ -138,12 +139,8 @@ def test_placement_group_bundles(pool, teacher_path, batch_and_ref):
 
 def test_pool_scores_over_the_students_vocabulary(pool, teacher_path):
     """vocab_size reaches every replica: distributions over the student's ids, as score_sequences gives them."""
-    batch = random_batch(6, 50, seed=9)
     narrow = TeacherPool(teacher_path, num_replicas=1, num_cpus_per_replica=0, token_budget=64, vocab_size=50)
     try:
-        out = narrow.score(*batch, topk=4, return_full=True)
+        assert_scores_over_vocabulary(narrow.score, 50, seed=9, atol=ATOL)
     finally:
         narrow.shutdown()
-    ref = reference_scores(tiny_llama(), *batch, topk=4, vocab_size=50)
-    assert out.full_logprobs.shape[-1] == 50
-    assert_scores_match(out, ref, ATOL)
