@@ -154,7 +154,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+def step_dirs(root: Path) -> list[tuple[int, Path]]:
     """`step_*` dirs under root, oldest first."""
     out = []
     for p in root.iterdir() if root.is_dir() else []:
@@ -173,7 +173,7 @@ def _rotate(root: Path, keep_last: Optional[int], keep: Path) -> None:
     if keep_last is None:
         return
     # sizes only here: every commit would otherwise re-read every kept checkpoint
-    complete = [p for _, p in _step_dirs(root) if p == keep or is_complete(p, verify_data=False)[0]]
+    complete = [p for _, p in step_dirs(root) if p == keep or is_complete(p, verify_data=False)[0]]
     # Corrupt step dirs are left alone (find_latest names them); only complete ones count and go.
     for p in complete[:-keep_last]:
         if p != keep:
@@ -232,7 +232,7 @@ def find_latest(checkpoints_dir: str | os.PathLike) -> Optional[Path]:
     root = Path(checkpoints_dir)
     if not root.is_dir():
         return None
-    for _, p in reversed(_step_dirs(root)):
+    for _, p in reversed(step_dirs(root)):
         ok, reason = is_complete(p)
         if ok:
             return p

@@ -40,7 +40,7 @@ def resolve_checkpoint(path: str | os.PathLike, verify_data: bool = True) -> Pat
             raise FileNotFoundError(f"checkpoint {p} is incomplete or corrupt: {reason}.")
         return p
     for root in (p / "checkpoints", p):
-        if (root / ckpt.LATEST).exists() or ckpt._step_dirs(root):
+        if (root / ckpt.LATEST).exists() or ckpt.step_dirs(root):
             found = ckpt.find_latest(root)
             if found is None:
                 raise FileNotFoundError(f"no complete checkpoint under {root} (see the warnings above).")

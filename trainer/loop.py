@@ -341,7 +341,7 @@ def train(cfg: RunConfig, hooks: Optional[Hooks] = None) -> dict:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"output_dir={cfg.output_dir!r} is a file; give a folder")
     resume_from = find_resume(cfg, out_dir, data)
-    if cfg.checkpoint.resume == "never" and ckpt._step_dirs(out_dir / "checkpoints"):
+    if cfg.checkpoint.resume == "never" and ckpt.step_dirs(out_dir / "checkpoints"):
         # a new run here would mix its checkpoints, metrics and logs with the earlier run's
         raise ConfigError(f"output_dir={cfg.output_dir!r} holds checkpoints of an earlier run: pass --resume "
                           f"(checkpoint.resume=auto) to continue it, or give another output_dir (or delete that one)")
@@ -363,7 +363,7 @@ def train(cfg: RunConfig, hooks: Optional[Hooks] = None) -> dict:
 def _has_progress(out_dir: Path) -> bool:
     """Whether a run folder holds anything worth keeping after a failure: a logged step or a checkpoint."""
     metrics = out_dir / "metrics.jsonl"
-    return bool(ckpt._step_dirs(out_dir / "checkpoints")) or (metrics.is_file() and metrics.stat().st_size > 0)
+    return bool(ckpt.step_dirs(out_dir / "checkpoints")) or (metrics.is_file() and metrics.stat().st_size > 0)
 
 
 def _start_and_run(cfg: RunConfig, tokenizer, data: Datasets, out_dir: Path, resume_from: Optional[Path],
