@@ -118,11 +118,28 @@ def _user_errors() -> tuple:
     return OSError, TokenizerMismatchError, TeacherUnavailableError
 
 
+def _unrecognized(extra: list[str]) -> str:
+    """argparse's message, plus the override a `--key value` (TRL / HF Trainer style) was likely meant as."""
+    from launch.config import TRL_NAMES, section_with
+    msg = f"unrecognized arguments: {' '.join(extra)}"
+    flag = next((a for a in extra if a.startswith("--")), None)
+    if flag is not None:
+        name = flag[2:].split("=", 1)[0].replace("-", "_")
+        meant = TRL_NAMES.get(name) or (f"{section_with(name)}.{name}" if section_with(name) else None)
+        msg += "; settings are overrides written key=value (e.g. trainer.lr=1e-5)"
+        if meant:
+            msg += f": {flag.split('=', 1)[0]} is {meant} here"
+    return msg
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = parser()
     if argv and argv[0] in ap.commands:  # options and overrides in any order: `train a=1 --resume b=2`
-        args = ap.commands[argv[0]].parse_intermixed_args(argv[1:])
+        sp = ap.commands[argv[0]]
+        args, extra = sp.parse_known_intermixed_args(argv[1:])
+        if extra:
+            sp.error(_unrecognized(extra))
     else:
         args = ap.parse_args(argv)
     try:

@@ -16,6 +16,7 @@ import difflib
 import importlib.util
 import math
 import os
+import re
 import types
 import typing
 import warnings
@@ -34,13 +35,37 @@ class ConfigError(ValueError):
     """A configuration problem the user can fix; the message names the key."""
 
 
+# "owner/name" as the Hub spells a model id (one slash; no scheme, no leading ./ or /)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
 def resolve_path(path: Optional[str]) -> Optional[str]:
-    """Expand `builtin:` (shipped assets) and `~`; other strings pass through unchanged."""
+    """Expand `builtin:` (shipped assets) and `~`; a Hub model id that is no local path becomes its folder in the
+    local Hugging Face cache (`hf download`, HF_HOME), when it is there: nothing is downloaded. Other strings pass
+    through unchanged."""
     if path is None:
         return None
     if path.startswith("builtin:"):
         return str(ASSETS_DIR / path[len("builtin:"):])
-    return os.path.expanduser(path)
+    path = os.path.expanduser(path)
+    if _HUB_ID.match(path) and not os.path.exists(path):
+        return cached_hub_snapshot(path) or path
+    return path
+
+
+def looks_like_hub_id(value: str) -> bool:
+    return bool(_HUB_ID.match(value)) and not os.path.exists(os.path.expanduser(value))
+
+
+def cached_hub_snapshot(repo_id: str) -> Optional[str]:
+    """The local cache's snapshot folder of a Hub model (main revision), or None if it is not cached."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        return None
 
 
 @dataclass
@@ -318,7 +343,8 @@ class TrainerConfig:
     """The DeepSpeed learner.
 
     steps (int, *optional*, defaults to 100): training steps (one rollout each).
-    lr (float, *optional*, defaults to 1e-5), weight_decay (float, defaults to 0.0),
+    lr (float, *optional*, defaults to 1e-5), weight_decay (float, defaults to 0.0): AdamW; as in HF Trainer,
+        biases and norm weights do not decay.
     lr_schedule (str, *optional*, defaults to "constant"): "constant" | "linear" | "cosine",
         after `warmup_steps` of linear warm-up.
     grad_clip (float, *optional*, defaults to 1.0): max gradient norm (0 = off).
@@ -327,6 +353,8 @@ class TrainerConfig:
     micro_batch_tokens (int, *optional*, defaults to 8192): token budget per micro-batch.
     bf16 (bool, *optional*, defaults to False): bf16 training (GPU).
     gradient_checkpointing (bool, *optional*, defaults to False).
+    disable_dropout (bool, *optional*, defaults to True): the learner's student without dropout, as the rollout
+        samples (TRL's `disable_dropout`): with it on, the learner's log-probs are not the samples'.
     cpu_offload (bool, *optional*, defaults to False): ZeRO optimizer offload to CPU.
     device (str, *optional*, defaults to "cpu"): "cpu" or "cuda".
     num_gpus (float, *optional*, defaults to 0): GPUs per learner rank.
@@ -347,6 +375,7 @@ class TrainerConfig:
     micro_batch_tokens: int = 8192
     bf16: bool = False
     gradient_checkpointing: bool = False
+    disable_dropout: bool = True
     cpu_offload: bool = False
     device: Literal["cpu", "cuda"] = "cpu"
     num_gpus: float = 0.0
@@ -550,18 +579,71 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     raise TypeError(f"unsupported config annotation {annotation} for {key}")
 
 
+# TRL / transformers TrainingArguments names (GKDConfig, DistillationConfig) a migrating user types, and ours.
+TRL_NAMES = {
+    "lmbda": "objective.lam", "beta": "objective.beta", "seq_kd": "objective.seq_kd",
+    "temperature": "rollout.temperature (sampling; objective.temperature is the loss's)",
+    "max_new_tokens": "rollout.max_new_tokens", "top_p": "rollout.top_p", "top_k": "rollout.top_k",
+    "max_prompt_length": "data.max_prompt_len", "max_length": "data.max_prompt_len + rollout.max_new_tokens",
+    "model_name_or_path": "model.student", "teacher_model_name_or_path": "model.teacher",
+    "learning_rate": "trainer.lr", "max_grad_norm": "trainer.grad_clip", "lr_scheduler_type": "trainer.lr_schedule",
+    "warmup_steps": "trainer.warmup_steps", "weight_decay": "trainer.weight_decay", "max_steps": "trainer.steps",
+    "seed": "trainer.seed", "bf16": "trainer.bf16", "gradient_checkpointing": "trainer.gradient_checkpointing",
+    "disable_dropout": "trainer.disable_dropout", "eval_steps": "trainer.eval_every",
+    "save_steps": "checkpoint.every", "save_total_limit": "checkpoint.keep_last",
+    "per_device_train_batch_size": "rollout.prompts_per_step (the global batch: per-device batch x accumulation x GPUs)",
+    "gradient_accumulation_steps": "rollout.prompts_per_step (the global batch) and trainer.micro_batch_tokens",
+    "dataset_name": "data.prompts (hf:NAME[:SPLIT])", "report_to": "logging.wandb_project (TensorBoard is always on)",
+    "use_vllm": "rollout.backend=vllm", "vllm_gpu_memory_utilization": "rollout.gpu_memory_utilization",
+}
+
+
+def _unknown_keys(cls, data: dict, prefix: str) -> list[str]:
+    """Every unknown key in the tree (not only the first), each with the likeliest meant key."""
+    if not isinstance(data, dict):
+        return []
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    out = []
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k in names:
+            if dataclasses.is_dataclass(hints[k]):
+                out += _unknown_keys(hints[k], v or {}, key)
+            continue
+        if k in TRL_NAMES:
+            hint = f" (TRL's {k} is {TRL_NAMES[k]} here)"
+        elif (other := section_with(k)) and other != prefix:
+            hint = f" (did you mean {other}.{k}?)"
+        else:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
+        out.append(key + hint)
+    return out
+
+
+def section_with(name: str) -> Optional[str]:
+    """The section of RunConfig that has a key `name`, if exactly one does."""
+    sections = {k: t for k, t in typing.get_type_hints(RunConfig).items() if dataclasses.is_dataclass(t)}
+    hits = [k for k, t in sections.items() if name in {f.name for f in dataclasses.fields(t)}]
+    return hits[0] if len(hits) == 1 else None
+
+
 def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
+    unknown = _unknown_keys(cls, data, prefix) if not prefix else [k for k in data if k not in names]
+    if len(unknown) == 1 and not prefix:
+        first = unknown[0].split(" ")[0]
+        section = first.rsplit(".", 1)[0] if "." in first else ""
+        valid = [f.name for f in dataclasses.fields(hints[section] if section else cls)]
+        raise ConfigError(f"unknown config key {unknown[0]}; valid keys{' in ' + section if section else ''}: "
+                          f"{', '.join(valid)}")
     if unknown:
-        where = f"{prefix}." if prefix else ""
-        close = difflib.get_close_matches(unknown[0], names, n=1)
-        hint = f" (did you mean {where}{close[0]}?)" if close else ""
-        raise ConfigError(f"unknown config key {where}{unknown[0]}{hint}; valid keys{' in ' + prefix if prefix else ''}: "
-                          f"{', '.join(names)}")
+        raise ConfigError(f"{len(unknown)} unknown config keys: {'; '.join(unknown)}. The keys: `minillm config` "
+                          f"prints them all, README 'Configuration reference' describes them")
     kwargs = {}
     for name in names:
         if name not in data:

@@ -30,6 +30,8 @@ gpu_memory_utilization share) and the alternating scheduler of `rollout.mixed_sa
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 import pickle
 import random
 from typing import Optional, Sequence
@@ -109,6 +111,9 @@ class VllmRolloutBackend:
                  teacher_dtype: Optional[str] = None, max_model_len: Optional[int] = None,
                  vocab_size: Optional[int] = None):
         """vocab_size: sample only ids below it (a teacher sampling for a student with fewer embedding rows)."""
+        if importlib.util.find_spec("flashinfer") is None:
+            # vLLM's sampler imports flashinfer unless told not to; its engine processes inherit this environment
+            os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
         import vllm.envs as envs
         from vllm import LLM
 

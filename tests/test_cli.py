@@ -3,6 +3,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -21,6 +22,9 @@ def test_config_prints_the_resolved_config_and_names_a_bad_key(capsys):
     assert printed["logging"]["wandb_mode"] == "offline"
     assert main(["config", "objective.bta=0.3"]) == 2
     assert "unknown config key objective.bta (did you mean objective.beta?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a TRL / HF Trainer style flag: argparse's exit, with the override meant
+        main(["train", "--learning_rate", "1e-5"])
+    assert "--learning_rate is trainer.lr here" in capsys.readouterr().err
 
 
 def test_export_refuses_a_non_empty_folder_and_a_missing_checkpoint(tmp_path, capsys):

@@ -27,6 +27,11 @@ def test_dotted_overrides_are_typed():
 @pytest.mark.parametrize("override, needle", [
     ("trainer.lrr=1e-5", "trainer.lrr (did you mean trainer.lr?)"),
     ("trainr.lr=1e-5", "unknown config key trainr"),
+    ("lmbda=0.5", "unknown config key lmbda (TRL's lmbda is objective.lam here)"),
+    ("save_steps=10", "save_steps (TRL's save_steps is checkpoint.every here)"),
+    ("lr=1e-5", "unknown config key lr (did you mean trainer.lr?)"),
+    ("objective.top_k=5", "objective.top_k (TRL's top_k is rollout.top_k here)"),
+    ("trainer.akl_mu=0.3", "trainer.akl_mu (did you mean objective.akl_mu?)"),
     ("trainer.lr=fast", "trainer.lr must be a number, got 'fast'"),
     ("trainer.lr=0", "trainer.lr must be in (0.0, inf], got 0.0"),
     ("trainer.zero_stage=4", "trainer.zero_stage must be one of 0, 1, 2, 3, got 4"),
@@ -174,3 +179,49 @@ def test_cli_rejects_bad_key_before_loading_anything(tmp_path):
     assert proc.returncode == 2
     assert "unknown config key trainer.lrr" in proc.stderr
     assert not out.exists()  # nothing half-written
+
+
+def test_every_unknown_key_is_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["lmbda=0.5", "trainer.lrr=1", "objective.bta=0.3"])
+    msg = str(e.value)
+    assert msg.startswith("3 unknown config keys: ")
+    for needle in ("lmbda (TRL's lmbda is objective.lam here)", "trainer.lrr (did you mean trainer.lr?)",
+                   "objective.bta (did you mean objective.beta?)"):
+        assert needle in msg
+
+
+def test_trl_names_point_at_real_keys():
+    import dataclasses
+    from launch.config import TRL_NAMES, RunConfig
+    cfg = dataclasses.asdict(RunConfig())
+    for trl, ours in TRL_NAMES.items():
+        for target in (t for t in ours.replace("+", " ").split() if "." in t and not t.startswith("(")):
+            section, _, key = target.partition("=")[0].partition(".")
+            assert key in cfg[section], (trl, target)
+
+
+def test_a_hub_id_resolves_to_its_local_cache_snapshot_and_a_missing_one_says_how_to_get_it(tmp_path, monkeypatch):
+    """The layout `hf download` writes: models--ORG--NAME/refs/main names the snapshot folder."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from launch.config import ASSETS_DIR, resolve_path
+    from trainer.roles import check_paths
+
+    cache = tmp_path / "hub"
+    snap = cache / "models--acme--tiny-student" / "snapshots" / "0123abcd"
+    shutil.copytree(ASSETS_DIR / "tiny-student", snap)
+    (cache / "models--acme--tiny-student" / "refs").mkdir()
+    (cache / "models--acme--tiny-student" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)  # no local folder named acme/...
+
+    assert resolve_path("acme/tiny-student") == str(snap)
+    assert resolve_path("acme/absent") == "acme/absent"  # not cached: unchanged, and check_paths says what to do
+    check_paths(load_config(None, ["model.student=acme/tiny-student"]))
+    with pytest.raises(FileNotFoundError, match=r"not in the local Hugging Face cache .* `hf download acme/absent"):
+        check_paths(load_config(None, ["model.student=acme/absent"]))
+    (tmp_path / "acme" / "tiny-student").mkdir(parents=True)  # a local folder of that name wins over the cache
+    assert resolve_path("acme/tiny-student") == "acme/tiny-student"

@@ -3,6 +3,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import ray
@@ -48,6 +49,13 @@ def test_cli_train_runs_and_exports_a_loadable_model(tmp_path):
     final = run / "final"
     for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"):
         assert (final / name).exists(), name
+    # the student folder's own generation defaults, not the rollout's (max_new_tokens=8 would cut every generate)
+    from launch.config import resolve_path
+    def gen(folder):
+        return {k: v for k, v in json.loads((folder / "generation_config.json").read_text()).items()
+                if k != "transformers_version"}
+    assert gen(final) == gen(Path(resolve_path(load_config(None).model.student)))
+    assert "max_new_tokens" not in gen(final)
     model = AutoModelForCausalLM.from_pretrained(final)
     tok = AutoTokenizer.from_pretrained(final)
     out = model.generate(**tok(["the big cat"], return_tensors="pt"), max_new_tokens=4, do_sample=False)

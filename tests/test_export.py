@@ -115,6 +115,23 @@ def test_model_card_content():
     assert "**Training steps completed:** 7" in body
 
 
+def test_model_card_lists_only_the_objectives_settings():
+    full = {"objective": {"name": None, "lam": 0.5, "seq_kd": True, "beta": 0.3, "skew_alpha": 0.1, "akl_mu": 0.5,
+                          "temperature": 0.9, "clip_eps": 0.2, "ppo_epochs": 2, "pt_weight": 0.0},
+            "rollout": {"mix_alpha": 0.2}}
+    expected = {  # from ObjectiveConfig's docstring: which keys each objective reads
+        "minillm": {"clip_eps", "ppo_epochs", "pt_weight", "mix_alpha"},
+        "gkd": {"lam", "seq_kd", "beta", "temperature", "ppo_epochs", "pt_weight"},
+        "skew_kl": {"lam", "seq_kd", "skew_alpha", "temperature", "ppo_epochs", "pt_weight"},
+        "akl": {"lam", "seq_kd", "akl_mu", "temperature", "ppo_epochs", "pt_weight"},
+    }
+    for name, keys in expected.items():
+        cfg = {"objective": {**full["objective"], "name": name}, "rollout": full["rollout"]}
+        card = model_card.render({"config": cfg})
+        shown = {line.split("`")[1].split(".")[1] for line in card.splitlines() if line.startswith("| `")}
+        assert shown == keys | {"name"}, name
+
+
 @pytest.mark.parametrize("name,expected", [
     ("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B"), ("gpt2", "gpt2"), ("builtin:tiny-student", None),
     ("/models/qwen", None), ("./student", None), ("~/student", None), ("a/b/c", None), (None, None),

@@ -181,7 +181,8 @@ def test_learner_options_leave_the_first_update_unchanged(roles):
     batch = generate(workers, _prompts(), SamplingSettings(max_new_tokens=6, eos_token_id=2, seed=5))
     scores = score(teacher, batch, cfg)
     common = ["trainer.lr=1e-3", "trainer.weight_decay=0.1", "trainer.warmup_steps=0"]
-    variants = {"reference": [], "gradient_checkpointing": ["trainer.gradient_checkpointing=true"],
+    variants = {"reference": [], "no_decay": ["trainer.weight_decay=0"],
+                "gradient_checkpointing": ["trainer.gradient_checkpointing=true"],
                 "zero2": ["trainer.zero_stage=2"], "zero2_cpu_offload": ["trainer.zero_stage=2", "trainer.cpu_offload=true"]}
     weights, start = {}, None
     for name, extra in variants.items():
@@ -199,7 +200,14 @@ def test_learner_options_leave_the_first_update_unchanged(roles):
     ref = weights["reference"]
     moved = max(float((ref[k] - start[k]).abs().max()) for k in ref)
     assert moved > 5e-4  # Adam's first step moves weights by about lr
+    # AdamW's decoupled decay, as HF Trainer groups it: weight matrices and embeddings shrink by lr * wd * w on top
+    # of the Adam step, norm weights (1-D here) do not
+    for k in ref:
+        decayed = -1e-3 * 0.1 * start[k] if start[k].dim() >= 2 else torch.zeros_like(start[k])
+        torch.testing.assert_close(ref[k] - weights["no_decay"][k], decayed, rtol=1e-3, atol=1e-8, msg=k)
     for name, w in weights.items():
+        if name == "no_decay":
+            continue
         for k in ref:
             torch.testing.assert_close(w[k], ref[k], rtol=0, atol=2e-6, msg=f"{name}: {k}")
 
@@ -311,5 +319,5 @@ def test_resume_applies_the_new_learning_rate_and_weight_decay(roles, tmp_path):
         ray.kill(learner[0])
         release(placement)
     assert lr == pytest.approx(5e-3 * (1 - (2 - 1) / (6 - 1)))  # linear decay at update 2 of 6, warm-up 1
-    assert decay == {0.25}
+    assert decay == {0.25, 0.0}  # the new rate; biases and norm weights never decay
     assert sorted(group_lr) == pytest.approx([5e-3 * (1 - (3 - 1) / (6 - 1))])  # the scheduler moved on to update 3

@@ -139,3 +139,14 @@ def test_minillm_flags_reach_the_loss(setup, clip):
             importance="sequence", single_step=True, num_tokens=n_tokens)
     assert float(loss) == pytest.approx(float(want), rel=1e-9)
     assert metrics["reward"] == pytest.approx(float(want_metrics["reward"]), rel=1e-9)
+
+
+def test_progress_bar_names_the_objectives_own_figures():
+    from launch.config import load_config
+    from trainer.loop import progress_fields
+    gkd = progress_fields(load_config(None, ["objective.name=gkd", "objective.beta=0.3"]),
+                          {"loss": 0.25, "divergence": 0.25}, 99.6)
+    assert gkd == {"loss": "0.250", "jsd0.3": "0.250", "tok_s": "100"}  # JSD(β) is not shown as a reverse KL
+    assert set(progress_fields(load_config(None, ["objective.name=akl"]), {"divergence": 1.0}, 1.0)) == {"loss", "akl", "tok_s"}
+    mini = progress_fields(load_config(None), {"loss": 1.0, "reward": -2.0, "reverse_kl": 2.0}, 5.0)
+    assert mini == {"loss": "1.000", "reward": "-2.000", "rkl": "2.000", "tok_s": "5"}

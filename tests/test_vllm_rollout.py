@@ -69,6 +69,23 @@ def worker(paths):
     ray.shutdown()
 
 
+def kill_and_wait_for_memory(actor, timeout_s: float = 30.0) -> None:
+    """Kill an engine's actor and wait until the GPU's free memory stops rising: a next engine profiling its memory
+    while the killed one still frees its share fails vLLM's start-up check (`gpu_worker.py`)."""
+    import time
+
+    import ray
+
+    ray.kill(actor)
+    last, deadline = -1, time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        free = torch.cuda.mem_get_info()[0]
+        if free == last:
+            return
+        last = free
+
+
 def load_fp32(path):
     from transformers import AutoModelForCausalLM
 
@@ -242,7 +259,7 @@ def test_sleep_wake_and_ipc_sync_in_the_loops_order(worker, paths):
         assert_bf16_close(batch.student_logprobs, ref, mask)
         assert_bf16_close(ray.get(w.logprobs.remote(batch)), ref, mask)
     finally:
-        ray.kill(w)
+        kill_and_wait_for_memory(w)
 
 
 def test_mixed_sampling_engines_sleep_and_wake_together(worker, paths):  # worker: the module's Ray cluster
@@ -279,7 +296,7 @@ def test_mixed_sampling_engines_sleep_and_wake_together(worker, paths):  # worke
         ref, mask = hf_logprobs(learner, batch), batch.response_mask()
         assert_bf16_close(batch.student_logprobs, ref, mask)  # the student engine rescored with the new weights
     finally:
-        ray.kill(w)
+        kill_and_wait_for_memory(w)
 
 
 def test_teacher_sampling_restricted_to_the_students_vocabulary(worker, tmp_path):  # worker: the module's cluster
@@ -306,4 +323,4 @@ def test_teacher_sampling_restricted_to_the_students_vocabulary(worker, tmp_path
         assert int(batch.response_lens.sum()) > 0
         assert int(batch.response_tokens()[batch.response_mask()].max()) < V
     finally:
-        ray.kill(w)
+        kill_and_wait_for_memory(w)

@@ -19,6 +19,7 @@ from rollout.types import RolloutBatch
 from rollout.weight_sync import TensorMeta, bucket_plan, pack
 from teacher.types import TeacherScores
 from trainer.objective import lm_batch_loss, objective_loss, select_scores
+from trainer.student import load_student, optimizer_groups
 
 
 def free_port() -> int:
@@ -90,12 +91,7 @@ class Learner:
         backend = "nccl" if self.cfg.device == "cuda" else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
         torch.manual_seed(self.cfg.seed)
-        path = resolve_path(student)
-        if student_init == "from_config":
-            config = transformers.AutoConfig.from_pretrained(path)
-            self.model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-        else:
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        self.model = load_student(resolve_path(student), student_init, getattr(torch, dtype), self.cfg.disable_dropout)
         if self.cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         schedule = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[self.cfg.lr_schedule]
@@ -107,17 +103,17 @@ class Learner:
         optimizer = None
         if not self.cfg.cpu_offload:  # a torch optimizer: no JIT-built DeepSpeed op needed on CPU
             # weight decay off until DeepSpeed has wrapped it: see below
-            optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=0.0)
+            optimizer = torch.optim.AdamW(optimizer_groups(self.model, 0.0), lr=self.cfg.lr, weight_decay=0.0)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, config=deepspeed_config(self.cfg), lr_scheduler=make_scheduler,
-            model_parameters=None if optimizer is not None else self.model.parameters())
+            model_parameters=None if optimizer is not None else optimizer_groups(self.model, self.cfg.weight_decay))
         if optimizer is not None:
             # bf16 at ZeRO 0 wraps the optimizer in FP16_UnfusedOptimizer, whose initialize_optimizer_states runs one
             # step on zero gradients: Adam's step count would start at 1 (a smaller first update than fp32 runs get)
             # and, with decay on, the fp32 master weights would decay once at the full lr. Start from a clean state.
             optimizer.state.clear()
             for group in optimizer.param_groups:
-                group["weight_decay"] = self.cfg.weight_decay
+                group["weight_decay"] = self.cfg.weight_decay if group["decays"] else 0.0
         self.device = self.engine.device
         self.global_step = 0
 
@@ -354,7 +350,7 @@ class Learner:
 
         groups = self.scheduler.optimizer.param_groups
         for group in groups:
-            group["weight_decay"] = self.cfg.weight_decay
+            group["weight_decay"] = self.cfg.weight_decay if group.get("decays", True) else 0.0
             group["initial_lr"] = self.cfg.lr
         self.scheduler.base_lrs = [self.cfg.lr] * len(groups)
         with warnings.catch_warnings():

@@ -198,13 +198,32 @@ def save_checkpoint(cfg: RunConfig, roles: Roles, out_dir: Path, step: int, stat
 
 
 def generation_config(tokenizer, cfg: RunConfig):
-    """What the exported student samples with by default: the rollout's settings and stop tokens."""
+    """The exported student's generation defaults: the student folder's own generation_config.json when it has one
+    (as `save_pretrained` after TRL or HF training keeps it), else only its special tokens. Never the rollout's
+    settings: a `max_new_tokens` of the training rollouts would silently cut every later `generate`; those
+    settings are in the model card."""
     from transformers import GenerationConfig
-    extra = stop_ids(cfg, tokenizer)
-    return GenerationConfig(bos_token_id=tokenizer.bos_token_id,
-                            eos_token_id=[tokenizer.eos_token_id, *extra] if extra else tokenizer.eos_token_id,
-                            pad_token_id=pad_id(tokenizer), do_sample=True, temperature=cfg.rollout.temperature,
-                            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
+    try:
+        return GenerationConfig.from_pretrained(resolve_path(cfg.model.student))
+    except OSError:  # no generation_config.json in the folder
+        extra = stop_ids(cfg, tokenizer)
+        return GenerationConfig(bos_token_id=tokenizer.bos_token_id,
+                                eos_token_id=[tokenizer.eos_token_id, *extra] if extra else tokenizer.eos_token_id,
+                                pad_token_id=pad_id(tokenizer))
+
+
+def progress_fields(cfg: RunConfig, metrics: dict, tokens_per_s: float) -> dict:
+    """The progress bar's figures, named for the objective: MiniLLM's reward and per-token reverse KL, or the
+    divergence a token-level objective minimises (JSD(β) for GKD), never one labelled as another."""
+    fields = {"loss": f"{metrics.get('loss', float('nan')):.3f}"}
+    if cfg.objective.name == "minillm":
+        fields["reward"] = f"{metrics.get('reward', float('nan')):.3f}"
+        fields["rkl"] = f"{metrics.get('reverse_kl', float('nan')):.3f}"
+    else:
+        label = f"jsd{cfg.objective.beta:g}" if cfg.objective.name == "gkd" else cfg.objective.name
+        fields[label] = f"{metrics.get('divergence', float('nan')):.3f}"
+    fields["tok_s"] = f"{tokens_per_s:.0f}"
+    return fields
 
 
 def find_resume(cfg: RunConfig, out_dir: Path, data: Optional["Datasets"] = None) -> Optional[Path]:
@@ -524,9 +543,7 @@ def _run(cfg: RunConfig, roles: Roles, tokenizer, data: Datasets, out_dir: Path,
             record.update({f"eval/{k}": v for k, v in evaluate(cfg, roles, eval_data, tokenizer).items()})
         metrics_log.write(step + 1, record)
         history.append({"step": step + 1, **metrics})
-        bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}", reward=f"{metrics.get('reward', float('nan')):.3f}",
-                        rkl=f"{metrics.get('reverse_kl', metrics.get('divergence', float('nan'))):.3f}",
-                        tok_s=f"{n_tokens / step_time:.0f}")
+        bar.set_postfix(progress_fields(cfg, metrics, n_tokens / step_time))
 
         if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.trainer.steps:
             save_checkpoint(cfg, roles, out_dir, step + 1, run_state(step + 1, history), tokenizer, student_config)

@@ -26,13 +26,29 @@ _OBJECTIVES = {
 
 # (section, key) pairs shown as hyper-parameters, when present in the config.
 _HPARAMS = [
-    ("objective", "name"), ("objective", "lam"), ("objective", "beta"), ("objective", "temperature"),
+    ("objective", "name"), ("objective", "lam"), ("objective", "seq_kd"), ("objective", "beta"),
+    ("objective", "skew_alpha"), ("objective", "akl_mu"), ("objective", "temperature"),
     ("objective", "clip_eps"), ("objective", "ppo_epochs"), ("objective", "pt_weight"), ("objective", "pt_kd_ratio"),
-    ("rollout", "mix_alpha"), ("rollout", "temperature"), ("rollout", "max_new_tokens"),
+    ("rollout", "mix_alpha"), ("rollout", "temperature"), ("rollout", "top_p"), ("rollout", "top_k"),
+    ("rollout", "max_new_tokens"),
     ("rollout", "prompts_per_step"), ("rollout", "n_samples"), ("trainer", "steps"), ("trainer", "lr"), ("trainer", "lr_schedule"),
     ("trainer", "warmup_steps"), ("trainer", "weight_decay"), ("trainer", "grad_clip"),
     ("trainer", "zero_stage"), ("trainer", "num_ranks"), ("trainer", "bf16"), ("trainer", "seed"),
 ]
+
+# Keys that mean something only for some objectives (launch/config.py's ObjectiveConfig): a GKD card listing
+# PPO clipping would describe settings the run never used.
+_ONLY_FOR = {
+    ("objective", "clip_eps"): {"minillm"}, ("rollout", "mix_alpha"): {"minillm"},
+    ("objective", "beta"): {"gkd"}, ("objective", "skew_alpha"): {"skew_kl", "skew_rkl"}, ("objective", "akl_mu"): {"akl"},
+}
+_NOT_FOR = {("objective", "lam"): {"minillm"}, ("objective", "seq_kd"): {"minillm"}, ("objective", "temperature"): {"minillm"}}
+
+
+def _applies(sec: str, key: str, objective: Optional[str]) -> bool:
+    if objective is None:
+        return True
+    return objective in _ONLY_FOR.get((sec, key), {objective}) and objective not in _NOT_FOR.get((sec, key), ())
 
 
 def hub_id(name: Optional[str]) -> Optional[str]:
@@ -82,7 +98,7 @@ def render(trainer_state: dict, model_name: Optional[str] = None) -> str:
         lines += [f"**Training steps completed:** {trainer_state['step']}", ""]
 
     rows = [(f"{sec}.{key}", (cfg.get(sec) or {})[key]) for sec, key in _HPARAMS
-            if key in (cfg.get(sec) or {})]
+            if key in (cfg.get(sec) or {}) and _applies(sec, key, objective)]
     if rows:
         lines += ["## Hyper-parameters", "", "| name | value |", "|---|---|"]
         lines += [f"| `{k}` | {_fmt(v)} |" for k, v in rows] + [""]
@@ -92,6 +108,8 @@ def render(trainer_state: dict, model_name: Optional[str] = None) -> str:
         lines += ["## Final metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| `{k}` | {_fmt(v)} |" for k, v in sorted(metrics.items())] + [""]
 
+    lines += ["The rollout settings above are the training samples'; `generation_config.json` holds the student's own "
+              "generation defaults.", ""] if rows else []
     lines += ["## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               "", 'model = AutoModelForCausalLM.from_pretrained("<this folder or repo id>")',
               'tokenizer = AutoTokenizer.from_pretrained("<this folder or repo id>")', "```", ""]

@@ -9,7 +9,7 @@ from typing import Optional
 
 import ray
 
-from launch.config import ConfigError, RunConfig, resolve_path
+from launch.config import ConfigError, RunConfig, looks_like_hub_id, resolve_path
 from launch.placement import RolePlacement
 from rollout.worker import RolloutWorkerActor
 from trainer.learner import Learner, node_address
@@ -106,6 +106,11 @@ def check_paths(cfg: RunConfig) -> None:
             continue
         path = Path(resolve_path(value))
         if not (path / "config.json").exists():
+            if looks_like_hub_id(value) and str(path) == value:
+                raise FileNotFoundError(
+                    f"{key}={value!r} is no local folder, and as a Hub model id it is not in the local Hugging Face "
+                    f"cache (nothing is downloaded during a run): `hf download {value}` first (with HF_HOME as the "
+                    f"run will see it), or `hf download {value} --local-dir DIR` and give DIR")
             raise FileNotFoundError(f"{key}={value!r}: no config.json in {path}; give a Hugging Face model folder")
         try:
             json.loads((path / "config.json").read_text())
