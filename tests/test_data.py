@@ -410,8 +410,8 @@ def test_json_files_hold_an_array_or_json_lines(tmp_path):
     assert read_records(str(tmp_path / "one.json")) == ROWS[:1]
     bad = tmp_path / "bad.json"
     for content, message in [
-        (json.dumps({"data": ROWS}, indent=2), r"bad.json' holds an object with fields 'data'; expected an array of "
-                                               r"objects \(one per row\) or JSON lines"),
+        (json.dumps({"data": ROWS}, indent=2), (r"bad.json' holds an object with fields 'data'; expected an array of "
+                                                r"objects \(one per row\) or JSON lines")),
         ("7", r"bad.json' holds a JSON int; expected an array of objects"),
         (json.dumps([ROWS[0], "the red fox"]), r"bad.json': item 1 of the array is a JSON str, not an object"),
         ('[{"prompt": "the"', r"bad.json' is not JSON: .*line 1 column 18"),
