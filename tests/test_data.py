@@ -315,7 +315,7 @@ def test_long_prompts_apply_to_the_students_context(tmp_path):
     tok = load_tokenizers(cfg)
     data = load_data(cfg, tok)
     with pytest.raises(ConfigError, match=r"data.prompts: a prompt of 50 tokens \+ rollout.max_new_tokens=24 "
-                                          r"exceeds the student's context of 64 tokens"):
+                                          r"exceeds the student's context of 64 tokens; .*data.long_prompts=skip or truncate_left"):
         check_context(cfg, sets(data))
 
     cfg = load_config(None, base + ["data.long_prompts=skip"])

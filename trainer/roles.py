@@ -165,7 +165,7 @@ def check_context(cfg: RunConfig, prompt_sets: dict[str, list[list[int]]], pretr
             if longest + cfg.rollout.max_new_tokens > limit:
                 raise ConfigError(f"{source}: a prompt of {longest} tokens + rollout.max_new_tokens={cfg.rollout.max_new_tokens} "
                                   f"exceeds the {who}'s context of {limit} tokens; lower data.max_prompt_len or "
-                                  f"rollout.max_new_tokens")
+                                  f"rollout.max_new_tokens, or set data.long_prompts=skip or truncate_left")
         # L_PT runs on the student; with objective.pt_kd_ratio the teacher scores the same windows
         if (who == "student" or cfg.objective.pt_kd_ratio > 0) and pretrain_len > limit:
             raise ConfigError(f"data.pretrain: windows of {pretrain_len} tokens exceed the {who}'s context of {limit} "
