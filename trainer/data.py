@@ -173,7 +173,7 @@ class PromptData(SeededOrder):
             where = f"{source} row {i}"
             prompt, resp = prompt_and_response(row, cfg, where)
             templated = isinstance(prompt, list) or cfg.chat_template
-            ids = encode_prompt(tokenizer, prompt, cfg.chat_template, where=where)
+            ids = whole = encode_prompt(tokenizer, prompt, cfg.chat_template, where=where)
             if len(ids) > max_len:
                 if cfg.long_prompts == "skip":
                     skipped += 1
@@ -186,7 +186,7 @@ class PromptData(SeededOrder):
             resp_ids = None
             if resp is not None:
                 if templated:  # the ids the template writes for the reply, its end-of-turn token included
-                    resp_ids = templated_response(tokenizer, prompt, resp)
+                    resp_ids = templated_response(tokenizer, prompt, resp, head=whole)
                     if resp_ids is None:
                         fallback.append(i)
                 if resp_ids is None:
@@ -312,16 +312,17 @@ def encode_prompt(tokenizer, prompt, chat_template: bool, where: str = "a prompt
     return tokenizer(prompt)["input_ids"]
 
 
-def templated_response(tokenizer, prompt, reply: str) -> Optional[list[int]]:
+def templated_response(tokenizer, prompt, reply: str, head: Optional[list[int]] = None) -> Optional[list[int]]:
     """The reply's ids as the chat template writes the assistant turn: the whole conversation rendered, less the
     prompt's ids (with the generation prompt), as TRL computes a completion. So the turn ends with the template's
     end-of-turn token (Llama 3's <|eot_id|>, Qwen's <|im_end|>, Gemma's <end_of_turn>), the token the student emits
     when it samples. Whitespace the template writes after that last special token (Qwen's newline) is dropped: the
     sampler stops at the token, so no sampled response holds it. A turn the template closes with no special token
     is closed by EOS, as a plain-text response is. None when the prompt's ids are not a prefix of the
-    conversation's (templates that rewrite earlier turns)."""
+    conversation's (templates that rewrite earlier turns). `head`: the prompt's ids, when already rendered."""
     messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-    head = _render(tokenizer, messages, add_generation_prompt=True)
+    if head is None:
+        head = _render(tokenizer, messages, add_generation_prompt=True)
     full = _render(tokenizer, messages + [{"role": "assistant", "content": reply}], add_generation_prompt=False)
     if len(full) <= len(head) or full[:len(head)] != head:
         return None
