@@ -94,20 +94,32 @@ class ModelConfig:
 class DataConfig:
     """Prompt data.
 
-    prompts (str): a local `.jsonl`/`.parquet` file, or `hf:NAME[:SPLIT]` for a Hugging Face
-        `datasets` dataset already in the local cache (nothing is downloaded when HF_HUB_OFFLINE=1).
-    prompt_key (str, *optional*, defaults to "prompt"): the field with the prompt text, or a list of
-        chat messages when `chat_template` is true.
+    prompts (str): a local `.jsonl`/`.parquet`/`.json` file (a `.json` file holds an array of objects
+        or JSON lines), a `datasets` `save_to_disk` folder (of a DatasetDict, its "train" split), or
+        `hf:NAME[:SPLIT]` for a Hugging Face `datasets` dataset already in the local cache (nothing is
+        downloaded when HF_HUB_OFFLINE=1) or a `save_to_disk` folder's split.
+    prompt_key (str, *optional*, defaults to "prompt"): the field with the prompt text or a list of
+        chat messages (the tokenizer's chat template is then applied). Left at "prompt", rows without
+        it are read from a `messages` column (TRL's conversational form).
     response_key (str, *optional*, defaults to "response"): the field with the dataset's own
-        response (GKD's off-policy data; needed when `objective.lam < 1`).
-    chat_template (bool, *optional*, defaults to False): apply the tokenizer's chat template.
+        response (GKD's off-policy data; needed when `objective.lam < 1`). Left at "response", rows
+        without it are read from a `completion` column (TRL's prompt/completion form). With the chat
+        template applied, a response's ids are those the template writes for the assistant turn (its
+        end-of-turn token included), else the text's ids closed by EOS.
+    chat_template (bool, *optional*, defaults to False): apply the tokenizer's chat template to plain
+        string prompts too (chat-message prompts always get it).
     eval_prompts (str, *optional*): held-out prompts for the before/after reverse-KL report.
     num_eval_prompts (int, *optional*, defaults to 32).
     pretrain (str, *optional*): text data for MiniLLM's L_PT loss: rows with a `text` field, from a
         `.jsonl`, `.parquet` or `hf:NAME[:SPLIT]` source.
     pretrain_max_len (int, *optional*, defaults to 512): pretraining documents are cut into windows
         of at most this many tokens (BOS as the tokenizer adds it, EOS closing each document).
-    max_prompt_len (int, *optional*, defaults to 256): longer prompts are an error, not truncated.
+    max_prompt_len (int, *optional*, defaults to 256): the longest prompt in tokens.
+    long_prompts (str, *optional*, defaults to "error"): what a prompt longer than the limit does:
+        "error" (the run does not start), "skip" (the row is dropped, with one warning counting them)
+        or "truncate_left" (its last tokens are kept, as TRL's collator does). The limit is
+        `max_prompt_len`, and with "skip"/"truncate_left" also the student's (and the Ray teacher's)
+        context minus `rollout.max_new_tokens`. Eval prompts follow the same policy.
     """
 
     prompts: str = "builtin:corpus/prompts_train.jsonl"
@@ -119,10 +131,15 @@ class DataConfig:
     pretrain: Optional[str] = None
     pretrain_max_len: int = 512
     max_prompt_len: int = 256
+    long_prompts: Literal["error", "skip", "truncate_left"] = "error"
 
     def validate(self) -> None:
         _positive("data.num_eval_prompts", self.num_eval_prompts)
         _positive("data.max_prompt_len", self.max_prompt_len)
+        choices = typing.get_args(typing.get_type_hints(DataConfig)["long_prompts"])
+        if self.long_prompts not in choices:
+            raise ConfigError(f"data.long_prompts must be one of {', '.join(map(repr, choices))}, "
+                              f"got {self.long_prompts!r}")
         if self.pretrain_max_len < 2:
             raise ConfigError(f"data.pretrain_max_len must be >= 2 (one context token and one target), got {self.pretrain_max_len}")
 

@@ -80,16 +80,21 @@ def _ids(tok, words: str) -> list[int]:
 
 
 @pytest.mark.parametrize("row, cfg", [
-    ({"prompt": "the red fox", "response": "the cat eats"}, {}),  # plain text through the template
+    ({"prompt": "the red fox", "response": "the cat eats"}, {"chat_template": True}),  # plain text through the template
     ({"messages": [{"role": "user", "content": "the red fox"}, {"role": "assistant", "content": "the cat eats"}]},
      {"prompt_key": "messages"}),  # TRL's `messages` column: the last assistant turn is the response
     ({"prompt": [{"role": "user", "content": "the red fox"}], "completion": [{"role": "assistant", "content": "the cat eats"}]},
      {"response_key": "completion"}),  # TRL's conversational prompt/completion
+    # the keys left at their defaults: TRL's column names are found, and chat messages always get the template
+    ({"messages": [{"role": "user", "content": "the red fox"}, {"role": "assistant", "content": "the cat eats"}]}, {}),
+    ({"prompt": [{"role": "user", "content": "the red fox"}], "completion": [{"role": "assistant", "content": "the cat eats"}]}, {}),
+    ({"prompt": [{"role": "user", "content": "the red fox"}], "completion": "the cat eats"}, {}),
 ])
 def test_chat_rows_give_the_templated_prompt_without_the_reply(chat_tok, row, cfg):
-    data = PromptData([row], chat_tok, DataConfig(chat_template=True, **cfg), "data.prompts")
+    data = PromptData([row], chat_tok, DataConfig(**cfg), "data.prompts")
     assert data.prompts == [[chat_tok.bos_token_id] + _ids(chat_tok, "alice the red fox . bob")]
-    assert data.responses == [_ids(chat_tok, "the cat eats") + [chat_tok.eos_token_id]]
+    # the reply as the template writes it ("the cat eats . "); the turn has no special end token, so EOS closes it
+    assert data.responses == [_ids(chat_tok, "the cat eats .") + [chat_tok.eos_token_id]]
 
 
 def test_a_multi_turn_conversation_keeps_earlier_replies_in_the_prompt(chat_tok):
@@ -97,7 +102,7 @@ def test_a_multi_turn_conversation_keeps_earlier_replies_in_the_prompt(chat_tok)
             {"role": "user", "content": "the dog"}, {"role": "assistant", "content": "the bird eats"}]
     data = PromptData([{"messages": msgs}], chat_tok, DataConfig(chat_template=True, prompt_key="messages"), "e")
     assert data.prompts == [[chat_tok.bos_token_id] + _ids(chat_tok, "alice the red fox . bob the cat . alice the dog . bob")]
-    assert data.responses == [_ids(chat_tok, "the bird eats") + [chat_tok.eos_token_id]]
+    assert data.responses == [_ids(chat_tok, "the bird eats .") + [chat_tok.eos_token_id]]
 
 
 def test_bad_chat_rows_fail_early_with_the_row(chat_tok, tok):
@@ -113,10 +118,12 @@ def test_bad_chat_rows_fail_early_with_the_row(chat_tok, tok):
     for row, cfg, message in cases:
         with pytest.raises(ConfigError, match=message):
             PromptData([row], chat_tok, DataConfig(chat_template=True, **cfg), "data.prompts")
-    with pytest.raises(ConfigError, match="prompt must be a string .*chat_template=true"):
-        PromptData([{"prompt": [user]}], chat_tok, DataConfig(), "data.prompts")
-    with pytest.raises(ConfigError, match="the tokenizer has no chat template"):
-        PromptData([{"prompt": [user]}], tok, DataConfig(chat_template=True), "data.prompts")
+    with pytest.raises(ConfigError, match=r"row 0: the prompt is chat messages but the tokenizer has no chat template"):
+        PromptData([{"prompt": [user]}], tok, DataConfig(), "data.prompts")
+    with pytest.raises(ConfigError, match=r"^data.chat_template=true but the tokenizer has no chat template"):
+        PromptData([{"prompt": "the red fox"}], tok, DataConfig(chat_template=True), "data.prompts")
+    with pytest.raises(ConfigError, match=r"row 0: the prompt must be a string or a list of chat messages"):
+        PromptData([{"prompt": ["the", "red"]}], chat_tok, DataConfig(), "data.prompts")
 
 
 ROWS = [{"prompt": "the red fox", "response": "the cat eats"}, {"prompt": "alice has", "response": None},
@@ -147,13 +154,13 @@ def test_bad_data_sources_fail_early_naming_the_fix(tmp_path, tok):
     with pytest.raises(ConfigError, match="not found"):
         read_records(str(tmp_path / "missing.jsonl"))
     (tmp_path / "p.csv").write_text("prompt\nthe red fox\n")
-    with pytest.raises(ConfigError, match=r"expected \.jsonl or \.parquet, or hf:NAME\[:SPLIT\]"):
+    with pytest.raises(ConfigError, match=r"expected \.jsonl, \.json or \.parquet, a datasets save_to_disk folder, or hf:NAME\[:SPLIT\]"):
         read_records(str(tmp_path / "p.csv"))
     with pytest.raises(ConfigError, match="could not be loaded .*hf:NAME"):
         read_records(f"hf:{tmp_path / 'no_such_dataset'}")
     with pytest.raises(ConfigError, match="data.prompts: no rows"):
         PromptData([], tok, DataConfig(), "data.prompts")
-    with pytest.raises(ConfigError, match="row 1 has no field 'prompt' .*fields: text"):
+    with pytest.raises(ConfigError, match=r"row 1 has no field 'prompt' \(data.prompt_key\) nor 'messages' .*fields: text"):
         PromptData([{"prompt": "the"}, {"text": "the"}], tok, DataConfig(), "data.prompts")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "the"}\n\n{"prompt": "the red\n')
@@ -162,6 +169,8 @@ def test_bad_data_sources_fail_early_naming_the_fix(tmp_path, tok):
     bad.write_text('{"prompt": "the"}\n["the", "red"]\n')
     with pytest.raises(ConfigError, match=r"bad.jsonl' line 2 is a JSON list, not an object"):
         read_records(str(bad))
+    with pytest.raises(ConfigError, match=r"row 0 has no field 'question' \(data.prompt_key\); fields: messages$"):
+        PromptData([{"messages": [{"role": "user", "content": "the"}]}], tok, DataConfig(prompt_key="question"), "d")
     with pytest.raises(ConfigError, match="data.prompts row 1: the prompt must be a string .*got int"):
         PromptData([{"prompt": "the"}, {"prompt": 7}], tok, DataConfig(), "data.prompts")
 
@@ -175,7 +184,8 @@ def test_off_policy_gkd_without_responses_fails_before_any_actor(tmp_path):
 
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     cfg = load_config("gkd_cpu", [f"data.prompts={tmp_path / 'p.jsonl'}", "objective.lam=0.5"])
-    with pytest.raises(ConfigError, match=r"objective.lam=0.5 < 1 uses the dataset's responses.*data.response_key"):
+    with pytest.raises(ConfigError, match=r"objective.lam=0.5 < 1 uses the dataset's responses.*data.response_key\), "
+                                          r"no 'completion' field and no 'messages' ending with an assistant reply"):
         load_data(cfg, load_tokenizers(cfg))
     # on-policy only (λ = 1) or sequence-level KD (teacher samples) needs no responses
     for extra in (["objective.lam=1.0"], ["objective.lam=0.5", "objective.seq_kd=true"]):
@@ -230,3 +240,219 @@ def test_a_tokenizer_without_pad_token_is_left_as_it_is(tmp_path):
     from transformers import AutoConfig
     save_student_files(tmp_path / "saved", AutoConfig.from_pretrained(student), None, tok)
     assert AutoTokenizer.from_pretrained(tmp_path / "saved" / "student").pad_token is None
+
+
+# ---- data.long_prompts ----------------------------------------------------------------------
+
+LONG = "the red fox follows the rabbit . " * 4  # 28 words + BOS = 29 tokens
+
+
+def test_long_prompts_skip_drops_the_rows_with_one_warning(tok, caplog):
+    rows = [{"prompt": "the red fox", "response": "the cat"}, {"prompt": LONG, "response": "the dog"},
+            {"prompt": "alice has", "response": "the bird"}, {"prompt": LONG + "alice", "response": "the cow"}]
+    assert len(tok(LONG)["input_ids"]) == 29
+    with caplog.at_level("WARNING", logger="minillm"):
+        data = PromptData(rows, tok, DataConfig(max_prompt_len=16, long_prompts="skip"), "data.prompts")
+    assert data.prompts == [tok("the red fox")["input_ids"], tok("alice has")["input_ids"]]
+    assert data.responses == [tok("the cat", add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+                              tok("the bird", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    assert data.n == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["data.prompts: skipped 2 prompt(s) longer than data.max_prompt_len=16 (data.long_prompts=skip)"]
+    with pytest.raises(ConfigError, match=r"data.prompts: every prompt is longer than data.max_prompt_len=16 .*all 2"):
+        PromptData([rows[1], rows[3]], tok, DataConfig(max_prompt_len=16, long_prompts="skip"), "data.prompts")
+    # eval's num_eval_prompts counts the kept rows
+    data = PromptData(rows, tok, DataConfig(max_prompt_len=16, long_prompts="skip"), "data.eval_prompts", limit=2)
+    assert data.prompts == [tok("the red fox")["input_ids"], tok("alice has")["input_ids"]]
+
+
+def test_long_prompts_truncate_left_keeps_the_last_tokens(tok):
+    rows = [{"prompt": LONG}, {"prompt": "the red fox"}]
+    data = PromptData(rows, tok, DataConfig(max_prompt_len=16, long_prompts="truncate_left"), "data.prompts")
+    # independent: the last 16 words of the text by vocabulary lookup (BOS and the first 13 words are cut)
+    assert data.prompts[0] == tok.convert_tokens_to_ids(LONG.split()[-16:])
+    assert data.prompts[1] == tok("the red fox")["input_ids"]
+    with pytest.raises(ConfigError, match=r"row 0: prompt of 29 tokens exceeds data.max_prompt_len=16; .*"
+                                          r"data.long_prompts=skip or truncate_left"):
+        PromptData(rows, tok, DataConfig(max_prompt_len=16), "data.prompts")
+
+
+def test_long_prompts_value_is_validated():
+    from launch.config import load_config
+
+    with pytest.raises(ConfigError, match=r"data.long_prompts must be one of 'error', 'skip', 'truncate_left', got 'drop'"):
+        DataConfig(long_prompts="drop").validate()
+    with pytest.raises(ConfigError, match=r"data.long_prompts must be one of 'error', 'skip', 'truncate_left', got 'drop'"):
+        load_config(None, ["data.long_prompts=drop"])
+    assert load_config(None, ["data.long_prompts=skip"]).data.long_prompts == "skip"
+
+
+def test_long_prompts_apply_to_the_students_context(tmp_path):
+    """A student of 64 positions with rollout.max_new_tokens=24 takes prompts of at most 40 tokens, even under
+    data.max_prompt_len=256: "error" fails before any actor, skip/truncate_left give data that passes the check."""
+    import json
+    import shutil
+
+    from launch.config import load_config
+    from trainer.loop import load_data
+    from trainer.roles import check_context, load_tokenizers
+
+    student = tmp_path / "student"
+    shutil.copytree(resolve_path("builtin:tiny-student"), student)
+    conf = json.loads((student / "config.json").read_text())
+    (student / "config.json").write_text(json.dumps({**conf, "max_position_embeddings": 64}))
+    text = "the red fox follows the rabbit . " * 7  # 49 words + BOS = 50 tokens: under 256, over 64 - 24
+    rows = [{"prompt": "the red fox"}, {"prompt": text}, {"prompt": "alice has"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = [f"model.student={student}", f"model.tokenizer={resolve_path('builtin:tokenizer')}",
+            f"data.prompts={tmp_path / 'p.jsonl'}", f"data.eval_prompts={tmp_path / 'p.jsonl'}",
+            "rollout.max_new_tokens=24"]
+
+    def sets(data):
+        return {"data.prompts": data.train.prompts, "data.eval_prompts": data.eval.prompts}
+
+    cfg = load_config(None, base)
+    tok = load_tokenizers(cfg)
+    data = load_data(cfg, tok)
+    with pytest.raises(ConfigError, match=r"data.prompts: a prompt of 50 tokens \+ rollout.max_new_tokens=24 "
+                                          r"exceeds the student's context of 64 tokens; .*data.long_prompts=skip or truncate_left"):
+        check_context(cfg, sets(data))
+
+    cfg = load_config(None, base + ["data.long_prompts=skip"])
+    data = load_data(cfg, tok)
+    short = [tok("the red fox")["input_ids"], tok("alice has")["input_ids"]]
+    assert data.train.prompts == short and data.eval.prompts == short
+    check_context(cfg, sets(data))
+
+    cfg = load_config(None, base + ["data.long_prompts=truncate_left"])
+    data = load_data(cfg, tok)
+    cut = tok.convert_tokens_to_ids(text.split()[-40:])
+    assert data.train.prompts == [short[0], cut, short[1]] and data.eval.prompts == data.train.prompts
+    check_context(cfg, sets(data))
+
+    cfg = load_config(None, base + ["data.long_prompts=skip", "rollout.max_new_tokens=64"])
+    with pytest.raises(ConfigError, match=r"rollout.max_new_tokens=64 leaves no room for a prompt in the student's "
+                                          r"context of 64 tokens"):
+        load_data(cfg, tok)
+
+
+# ---- responses through the chat template ----------------------------------------------------
+
+# a template whose assistant turn ends with a special end-of-turn token "<eot>" (not EOS) and a newline after
+# it, as Qwen's "<|im_end|>\n" or Llama 3's "<|eot_id|>"; user turns end with " . "
+EOT_CHAT = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}alice {{ m['content'] }} . "
+            "{% else %}bob {{ m['content'] }} <eot>\n{% endif %}{% endfor %}{% if add_generation_prompt %}bob {% endif %}")
+
+
+@pytest.fixture
+def eot_tok():
+    from tokenizers import AddedToken
+
+    t = AutoTokenizer.from_pretrained(TOKENIZER)
+    t.add_special_tokens({"additional_special_tokens": ["<eot>"]})
+    t.add_tokens([AddedToken("\n", normalized=False, special=False)])  # a real token, as "\n" is in BPE vocabularies
+    t.chat_template = EOT_CHAT
+    return t
+
+
+def test_dataset_responses_end_with_the_templates_end_of_turn_token(eot_tok):
+    t = eot_tok
+    eot, nl = t.convert_tokens_to_ids("<eot>"), t.convert_tokens_to_ids("\n")
+    assert eot not in (t.eos_token_id, t.unk_token_id, None) and nl not in (t.unk_token_id, None) and eot != nl
+    user = {"role": "user", "content": "the red fox"}
+    # the template writes a newline token after <eot> (the case the trimming is for)
+    full = t.apply_chat_template([user, {"role": "assistant", "content": "the cat eats"}], tokenize=True,
+                                 return_dict=True)["input_ids"]
+    assert list(full[-2:]) == [eot, nl]
+    rows = [{"prompt": "the red fox", "response": "the cat eats"},
+            {"messages": [user, {"role": "assistant", "content": "the cat"}, {"role": "user", "content": "the dog"},
+                          {"role": "assistant", "content": "the bird eats"}]},
+            {"prompt": [user], "completion": [{"role": "assistant", "content": "the cow"}]}]
+    data = PromptData(rows, t, DataConfig(chat_template=True), "data.prompts")
+    # by hand from the template: "bob " opens the turn (in the prompt), then the reply, then <eot>; the newline after
+    # <eot> is dropped (sampling stops at <eot>), and no EOS is added
+    assert data.prompts == [[t.bos_token_id] + _ids(t, "alice the red fox . bob"),
+                            [t.bos_token_id] + _ids(t, "alice the red fox . bob the cat") + [eot, nl]
+                            + _ids(t, "alice the dog . bob"),
+                            [t.bos_token_id] + _ids(t, "alice the red fox . bob")]
+    assert data.responses == [_ids(t, "the cat eats") + [eot], _ids(t, "the bird eats") + [eot], _ids(t, "the cow") + [eot]]
+    # without the template a plain-text response is its text closed by EOS
+    data = PromptData(rows[:1], t, DataConfig(), "data.prompts")
+    assert data.responses == [_ids(t, "the cat eats") + [t.eos_token_id]]
+
+
+def test_a_template_that_rewrites_the_prompt_falls_back_with_a_warning(eot_tok, caplog):
+    # the generation prompt ("bob has") is not what the assistant turn starts with ("bob "), so the prompt's ids
+    # are not a prefix of the conversation's
+    eot_tok.chat_template = EOT_CHAT.replace("{% if add_generation_prompt %}bob {% endif %}",
+                                             "{% if add_generation_prompt %}bob has {% endif %}")
+    rows = [{"prompt": "the red fox", "response": "the cat eats"}, {"prompt": "alice has", "response": "the dog"}]
+    with caplog.at_level("WARNING", logger="minillm"):
+        data = PromptData(rows, eot_tok, DataConfig(chat_template=True), "data.prompts")
+    assert data.responses == [_ids(eot_tok, "the cat eats") + [eot_tok.eos_token_id],
+                              _ids(eot_tok, "the dog") + [eot_tok.eos_token_id]]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith("data.prompts row(s) 0, 1: the chat template renders the prompt")
+
+
+# ---- sources: .json, save_to_disk folders, Hub ids -----------------------------------------------
+
+def test_json_files_hold_an_array_or_json_lines(tmp_path):
+    import json
+
+    from trainer.data import read_records
+
+    (tmp_path / "array.json").write_text(json.dumps(ROWS, indent=2))
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (tmp_path / "one.json").write_text(json.dumps(ROWS[0]) + "\n")
+    assert read_records(str(tmp_path / "array.json")) == ROWS
+    assert read_records(str(tmp_path / "lines.json")) == ROWS
+    assert read_records(str(tmp_path / "one.json")) == ROWS[:1]
+    bad = tmp_path / "bad.json"
+    for content, message in [
+        (json.dumps({"data": ROWS}, indent=2), (r"bad.json' holds an object with fields 'data'; expected an array of "
+                                                r"objects \(one per row\) or JSON lines")),
+        ("7", r"bad.json' holds a JSON int; expected an array of objects"),
+        (json.dumps([ROWS[0], "the red fox"]), r"bad.json': item 1 of the array is a JSON str, not an object"),
+        ('[{"prompt": "the"', r"bad.json' is not JSON: .*line 1 column 18"),
+        ('{"prompt": "the"}\n{"prompt": "the red\n', r"bad.json' line 2 is not JSON"),
+    ]:
+        bad.write_text(content)
+        with pytest.raises(ConfigError, match=message):
+            read_records(str(bad))
+
+
+def test_datasets_save_to_disk_folders(tmp_path):
+    import datasets
+
+    from trainer.data import read_records
+
+    other = [{"prompt": "the dog", "response": "the cat"}]
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS),
+                          "test": datasets.Dataset.from_list(other)}).save_to_disk(str(tmp_path / "dd"))
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list(ROWS),
+                          "test": datasets.Dataset.from_list(other)}).save_to_disk(str(tmp_path / "nodd"))
+    assert read_records(str(tmp_path / "ds")) == ROWS
+    assert read_records(str(tmp_path / "dd")) == ROWS  # a DatasetDict's "train" split
+    assert read_records(f"hf:{tmp_path / 'dd'}:test") == other
+    assert read_records(f"hf:{tmp_path / 'ds'}") == ROWS
+    with pytest.raises(ConfigError, match=r"nodd' is a DatasetDict without a 'train' split; its splits: validation, "
+                                          r"test; choose one with hf:.*nodd:SPLIT"):
+        read_records(str(tmp_path / "nodd"))
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ConfigError, match=r"plain' is a folder but not one written by datasets' save_to_disk"):
+        read_records(str(tmp_path / "plain"))
+
+
+def test_a_missing_source_that_looks_like_a_hub_id_suggests_hf(tmp_path, monkeypatch):
+    from trainer.data import read_records
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"data file 'trl-lib/tldr' not found .*; for the Hugging Face dataset "
+                                          r"'trl-lib/tldr' give hf:trl-lib/tldr \(offline, it must already be in the "
+                                          r"local datasets cache\)"):
+        read_records("trl-lib/tldr")
+    with pytest.raises(ConfigError) as e:
+        read_records("data/train.jsonl")
+    assert "not found" in str(e.value) and "hf:" not in str(e.value)

@@ -31,7 +31,7 @@ from trainer.export import export_checkpoint, resolve_checkpoint
 from trainer.gpu_monitor import GpuMonitor
 from trainer.objective import select_scores
 from trainer.roles import (Roles, check_context, check_paths, check_remote_teacher, load_tokenizers, pad_id,
-                           start_learners, start_rollout, start_teacher)
+                           prompt_limit, start_learners, start_rollout, start_teacher)
 from trainer.sync import WeightSync
 from trainer.tracking import MetricsLog, finish_wandb, start_wandb
 
@@ -328,11 +328,13 @@ class Hooks:
 
 def load_data(cfg: RunConfig, tokenizer) -> Datasets:
     """Read and tokenise every data source now, so a bad row fails before any actor starts."""
-    train_data = PromptData(read_records(cfg.data.prompts), tokenizer, cfg.data, "data.prompts", seed=cfg.trainer.seed)
+    max_len, reason = prompt_limit(cfg)  # data.long_prompts applies to this limit
+    train_data = PromptData(read_records(cfg.data.prompts), tokenizer, cfg.data, "data.prompts", seed=cfg.trainer.seed,
+                            max_len=max_len, limit_reason=reason)
     eval_data = None
     if cfg.data.eval_prompts:
         eval_data = PromptData(read_records(cfg.data.eval_prompts), tokenizer, cfg.data, "data.eval_prompts",
-                               limit=cfg.data.num_eval_prompts)
+                               limit=cfg.data.num_eval_prompts, max_len=max_len, limit_reason=reason)
     pretrain_data = None
     if cfg.objective.pt_weight > 0:
         pretrain_data = PretrainData(read_records(cfg.data.pretrain), tokenizer, cfg.data.pretrain_max_len, "data.pretrain",
@@ -340,7 +342,9 @@ def load_data(cfg: RunConfig, tokenizer) -> Datasets:
     needs_dataset = cfg.objective.name != "minillm" and cfg.objective.lam < 1 and not cfg.objective.seq_kd
     if needs_dataset and any(r is None for r in train_data.responses):
         raise ConfigError(f"objective.lam={cfg.objective.lam} < 1 uses the dataset's responses, but some rows of "
-                          f"data.prompts have no {cfg.data.response_key!r} field (data.response_key)")
+                          f"data.prompts have no {cfg.data.response_key!r} field (data.response_key)"
+                          + (", no 'completion' field and no 'messages' ending with an assistant reply"
+                             if cfg.data.response_key == "response" else ""))
     return Datasets(train_data, eval_data, pretrain_data)
 
 

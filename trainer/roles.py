@@ -131,6 +131,29 @@ def max_context(model_dir: str) -> Optional[int]:
     return getattr(AutoConfig.from_pretrained(model_dir).get_text_config(), "max_position_embeddings", None)
 
 
+def prompt_limit(cfg: RunConfig) -> tuple[int, str]:
+    """The longest prompt a run takes, and its name for messages: data.max_prompt_len, and with
+    data.long_prompts=skip/truncate_left also the student's (and the Ray teacher's) context less
+    rollout.max_new_tokens, so the prompts the policy keeps fit (with "error", `check_context` reports it)."""
+    limit, reason = cfg.data.max_prompt_len, f"data.max_prompt_len={cfg.data.max_prompt_len}"
+    if cfg.data.long_prompts == "error":
+        return limit, reason
+    models = {"student": cfg.model.student}
+    if cfg.teacher.backend == "ray":
+        models["teacher"] = cfg.model.teacher
+    for who, path in models.items():
+        ctx = max_context(resolve_path(path))
+        if ctx is None or ctx - cfg.rollout.max_new_tokens >= limit:
+            continue
+        limit = ctx - cfg.rollout.max_new_tokens
+        reason = (f"the {who}'s context of {ctx} tokens less rollout.max_new_tokens={cfg.rollout.max_new_tokens} "
+                  f"({limit} tokens)")
+        if limit < 1:
+            raise ConfigError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} leaves no room for a prompt in the "
+                              f"{who}'s context of {ctx} tokens; lower rollout.max_new_tokens")
+    return limit, reason
+
+
 def check_context(cfg: RunConfig, prompt_sets: dict[str, list[list[int]]], pretrain_len: int = 0) -> None:
     """Fail before Ray starts if the longest prompt plus rollout.max_new_tokens (or the longest pretraining window,
     `pretrain_len`) would not fit the student's or the teacher's context: otherwise the first step finds out,
@@ -147,7 +170,7 @@ def check_context(cfg: RunConfig, prompt_sets: dict[str, list[list[int]]], pretr
             if longest + cfg.rollout.max_new_tokens > limit:
                 raise ConfigError(f"{source}: a prompt of {longest} tokens + rollout.max_new_tokens={cfg.rollout.max_new_tokens} "
                                   f"exceeds the {who}'s context of {limit} tokens; lower data.max_prompt_len or "
-                                  f"rollout.max_new_tokens")
+                                  f"rollout.max_new_tokens, or set data.long_prompts=skip or truncate_left")
         # L_PT runs on the student; with objective.pt_kd_ratio the teacher scores the same windows
         if (who == "student" or cfg.objective.pt_kd_ratio > 0) and pretrain_len > limit:
             raise ConfigError(f"data.pretrain: windows of {pretrain_len} tokens exceed the {who}'s context of {limit} "
