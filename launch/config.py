@@ -378,7 +378,8 @@ class TrainerConfig:
     num_cpus (float, *optional*, defaults to 1): CPUs per learner rank.
     seed (int, *optional*, defaults to 0).
     eval_every (int, *optional*, defaults to 0): held-out reverse KL every N steps (0 = only
-        before and after training).
+        before and after training); for objectives other than minillm also the objective's own loss
+        on the same held-out samples (`eval/loss`).
     """
 
     steps: int = 100

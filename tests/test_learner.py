@@ -9,7 +9,7 @@ import torch
 from launch.config import load_config, resolve_path
 from launch.placement import create_placement, release
 from rollout.types import SamplingSettings
-from trainer.loop import generate, score, train_on
+from trainer.loop import eval_objective, generate, score, train_on
 from trainer.roles import start_learners, start_rollout, start_teacher
 from trainer.sync import sync_weights
 
@@ -321,3 +321,38 @@ def test_resume_applies_the_new_learning_rate_and_weight_decay(roles, tmp_path):
     assert lr == pytest.approx(5e-3 * (1 - (2 - 1) / (6 - 1)))  # linear decay at update 2 of 6, warm-up 1
     assert decay == {0.25, 0.0}  # the new rate; biases and norm weights never decay
     assert sorted(group_lr) == pytest.approx([5e-3 * (1 - (3 - 1) / (6 - 1))])  # the scheduler moved on to update 3
+
+
+def test_held_out_objective_loss_is_the_divergence_under_the_learners_weights(roles):
+    """eval_objective (the GKD eval loss) against a direct computation: the student's log-probs from an HF forward
+    of the learner's weights, row by row, and JSD(beta) from its closed form over the full vocabulary, as the mean
+    over response tokens. Small micro-batches: several forwards. No update happens."""
+    from transformers import AutoModelForCausalLM
+
+    cfg, _, workers, teacher = roles
+    batch = generate(workers, _prompts(), SamplingSettings(max_new_tokens=6, eos_token_id=2, seed=4, n=2))
+    scores = score(teacher, batch, cfg)
+    beta = 0.3
+    learner, placement = _start(["objective.name=gkd", f"objective.beta={beta}", "trainer.micro_batch_tokens=24"])
+    try:
+        weights = ray.get(learner[0].state_dict_cpu.remote())
+        got = eval_objective(learner, batch, scores)
+        assert all(torch.equal(v, w) for v, w in zip(weights.values(), ray.get(learner[0].state_dict_cpu.remote()).values()))
+    finally:
+        ray.kill(learner[0])
+        release(placement)
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_path(cfg.model.student)).eval()
+    model.load_state_dict(weights)
+    per_token = []
+    with torch.no_grad():
+        for i in range(len(batch)):
+            P, R = int(batch.prompt_lens[i]), int(batch.response_lens[i])
+            logits = model(batch.sequences[i, :P + R][None]).logits[0, P - 1:P + R - 1].double()
+            log_q, log_p = torch.log_softmax(logits, -1), scores.full_logprobs[i, :R].double()
+            q, p = log_q.exp(), log_p.exp()
+            log_m = torch.log(beta * p + (1 - beta) * q)
+            per_token.append(beta * (p * (log_p - log_m)).sum(-1) + (1 - beta) * (q * (log_q - log_m)).sum(-1))
+    expected = float(torch.cat(per_token).mean())
+    assert set(got) == {"loss", "divergence"}
+    assert got["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-6)

@@ -209,6 +209,26 @@ class Learner:
     # ---- evaluation helpers ---------------------------------------------------------------
 
     @torch.no_grad()
+    def eval_objective(self, batch: RolloutBatch, scores: TeacherScores, global_tokens: int) -> dict:
+        """The objective's figures on held-out samples, no update: {"sums": token-weighted metric sums, "tokens"},
+        merged by the driver like `train_step`'s. Every rank runs the same number of forwards (ZeRO-3)."""
+        self.engine.eval()
+        groups = split_by_tokens((batch.prompt_lens + batch.response_lens).tolist(), self.cfg.micro_batch_tokens)
+        sums: dict[str, float] = {}
+        for i in range(self._agree_max(max(len(groups), 1))):
+            if i >= len(groups):
+                self._dummy_loss()
+                continue
+            mb = batch.select(groups[i])
+            _, metrics = objective_loss(self.engine, mb, select_scores(scores, groups[i], mb.max_response_len),
+                                        self.obj, global_tokens)
+            n_tok = int(mb.response_lens.sum())
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n_tok
+        self._release_cached_memory()
+        return {"sums": sums, "tokens": int(batch.response_lens.sum())}
+
+    @torch.no_grad()
     def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         """(N, T) log q(y_t) under the learner's current weights (all ranks must call under ZeRO-3)."""
         self.engine.eval()

@@ -140,6 +140,19 @@ def overlaps_scoring(cfg: RunConfig, workers: list) -> bool:
     return cfg.teacher.overlap and len(workers) > 1 and not cfg.rollout.sleep_mode
 
 
+def rows_per_rank(total_lens: torch.Tensor, n_ranks: int) -> list[torch.Tensor]:
+    """Row indices per learner rank, balanced by tokens. Every rank takes part in every step (its collectives wait
+    for the others), with no rows if there are fewer rows than ranks: balance_rows leaves those groups out."""
+    parts = balance_rows(total_lens, n_ranks)
+    return parts + [torch.zeros(0, dtype=torch.long)] * (n_ranks - len(parts))
+
+
+def merged_sums(outs: list[dict], global_tokens: int) -> dict[str, float]:
+    """The ranks' token-weighted metric sums as global means (a rank with no rows reports nothing)."""
+    keys = sorted(set().union(*(o["sums"] for o in outs)))
+    return {k: sum(o["sums"].get(k, 0.0) for o in outs) / max(global_tokens, 1) for k in keys}
+
+
 def train_on(learners: list, batch: RolloutBatch, scores, pretrain: Optional[RolloutBatch],
              pretrain_scores: Optional[TeacherScores] = None) -> dict:
     """Shard rows over learner ranks (balanced by tokens) and run one update; returns merged metrics.
@@ -148,15 +161,9 @@ def train_on(learners: list, batch: RolloutBatch, scores, pretrain: Optional[Rol
     n_ranks = len(learners)
     if isinstance(scores, ray.ObjectRef) and n_ranks != 1:
         raise ValueError(f"train_on: scores as an ObjectRef are for one learner rank, got {n_ranks}")
-    # every rank takes part in every step (its collectives wait for the others), with no rows if there are fewer
-    # rows than ranks: balance_rows leaves those groups out
-    def rows_per_rank(total_lens):
-        parts = balance_rows(total_lens, n_ranks)
-        return parts + [torch.zeros(0, dtype=torch.long)] * (n_ranks - len(parts))
-
-    shards = rows_per_rank(batch.prompt_lens + batch.response_lens)
+    shards = rows_per_rank(batch.prompt_lens + batch.response_lens, n_ranks)
     global_tokens = int(batch.response_lens.sum())
-    pt_shards = rows_per_rank(pretrain.prompt_lens + pretrain.response_lens) if pretrain is not None else [None] * n_ranks
+    pt_shards = rows_per_rank(pretrain.prompt_lens + pretrain.response_lens, n_ranks) if pretrain is not None else [None] * n_ranks
     pt_tokens = int(pretrain.response_lens.sum()) if pretrain is not None else 0
     refs = []
     for rank, (rows, pt_rows) in enumerate(zip(shards, pt_shards)):
@@ -168,8 +175,7 @@ def train_on(learners: list, batch: RolloutBatch, scores, pretrain: Optional[Rol
         pt_scores = select_scores(pretrain_scores, pt_rows.tolist(), pt.max_response_len) if pt is not None else None
         refs.append(learners[rank].train_step.remote(shard, shard_scores, global_tokens, pt, pt_tokens, pt_scores))
     outs = ray.get(refs)
-    keys = sorted(set().union(*(o["sums"] for o in outs)))  # a rank with no rows reports nothing
-    metrics = {k: sum(o["sums"].get(k, 0.0) for o in outs) / max(global_tokens, 1) for k in keys}
+    metrics = merged_sums(outs, global_tokens)
     metrics.update(lr=outs[0]["lr"], grad_norm=outs[0]["grad_norm"])
     if any(o["peak_mem_gb"] for o in outs):
         metrics["learner_peak_mem_gb"] = max(o["peak_mem_gb"] for o in outs)
@@ -185,7 +191,26 @@ def evaluate(cfg: RunConfig, roles: Roles, eval_data: PromptData, tokenizer) -> 
     # the student's own distribution, never the teacher-mixed proposal
     settings = dataclasses.replace(sampling(cfg, tokenizer, seed=10_000_019, n=EVAL_SAMPLES_PER_PROMPT), mix_alpha=0.0)
     batch = generate(roles.rollout, prompts, settings)
-    return reverse_kl_estimate(batch, score(roles.teacher, batch, cfg))
+    scores = score(roles.teacher, batch, cfg)
+    out = reverse_kl_estimate(batch, scores)
+    if cfg.objective.name != "minillm":  # the token-level objective itself (MiniLLM's is its reverse KL above)
+        out["loss"] = eval_objective(roles.learners, batch, scores)["loss"]
+    return out
+
+
+def eval_loss_text(cfg: RunConfig, figures: dict) -> str:
+    return f"; {cfg.objective.name} loss {figures['loss']:.4f}" if "loss" in figures else ""
+
+
+def eval_objective(learners: list, batch: RolloutBatch, scores: TeacherScores) -> dict[str, float]:
+    """The objective's token-mean figures on held-out samples, under the learners' current weights (no update)."""
+    global_tokens = int(batch.response_lens.sum())
+    refs = []
+    for rank, rows in enumerate(rows_per_rank(batch.prompt_lens + batch.response_lens, len(learners))):
+        shard = batch.select(rows.tolist())
+        refs.append(learners[rank].eval_objective.remote(shard, select_scores(scores, rows.tolist(), shard.max_response_len),
+                                                         global_tokens))
+    return merged_sums(ray.get(refs), global_tokens)
 
 
 def save_checkpoint(cfg: RunConfig, roles: Roles, out_dir: Path, step: int, state: dict, tokenizer, student_config) -> Path:
@@ -456,7 +481,7 @@ def _run(cfg: RunConfig, roles: Roles, tokenizer, data: Datasets, out_dir: Path,
     if eval_data is not None and before is None:
         before = evaluate(cfg, roles, eval_data, tokenizer)
         print(f"held-out reverse KL before training: {before['reverse_kl']:.4f} ± {before['reverse_kl_stderr']:.4f} "
-              f"(per token {before['reverse_kl_per_token']:.4f})")
+              f"(per token {before['reverse_kl_per_token']:.4f}){eval_loss_text(cfg, before)}")
 
     bar = tqdm(range(start_step, cfg.trainer.steps), initial=start_step, total=cfg.trainer.steps, disable=not hooks.progress,
                desc="distilling", dynamic_ncols=True)
@@ -566,7 +591,7 @@ def _run(cfg: RunConfig, roles: Roles, tokenizer, data: Datasets, out_dir: Path,
         after = evaluate(cfg, roles, eval_data, tokenizer)
         summary["eval_after"] = after
         print(f"held-out reverse KL after training:  {after['reverse_kl']:.4f} ± {after['reverse_kl_stderr']:.4f} "
-              f"(per token {after['reverse_kl_per_token']:.4f})")
+              f"(per token {after['reverse_kl_per_token']:.4f}){eval_loss_text(cfg, after)}")
     if start_step < cfg.trainer.steps or resume_from is None:
         final_metrics = {**(history[-1] if history else {}),
                          **{f"eval_before/{k}": v for k, v in (before or {}).items()},
