@@ -122,13 +122,17 @@ def _unrecognized(extra: list[str]) -> str:
     """argparse's message, plus the override a `--key value` (TRL / HF Trainer style) was likely meant as."""
     from launch.config import TRL_NAMES, section_with
     msg = f"unrecognized arguments: {' '.join(extra)}"
-    flag = next((a for a in extra if a.startswith("--")), None)
-    if flag is not None:
-        name = flag[2:].split("=", 1)[0].replace("-", "_")
-        meant = TRL_NAMES.get(name) or (f"{section_with(name)}.{name}" if section_with(name) else None)
+    flags = [a.split("=", 1)[0] for a in extra if a.startswith("--")]
+    if flags:
         msg += "; settings are overrides written key=value (e.g. trainer.lr=1e-5)"
+        meant = []
+        for flag in flags:
+            name = flag[2:].replace("-", "_")
+            target = TRL_NAMES.get(name) or (f"{section_with(name)}.{name}" if section_with(name) else None)
+            if target:
+                meant.append(f"{flag} is {target} here")
         if meant:
-            msg += f": {flag.split('=', 1)[0]} is {meant} here"
+            msg += ": " + "; ".join(meant)
     return msg
 
 
@@ -139,7 +143,8 @@ def main(argv=None) -> int:
         sp = ap.commands[argv[0]]
         args, extra = sp.parse_known_intermixed_args(argv[1:])
         if extra:
-            sp.error(_unrecognized(extra))
+            takes_overrides = argv[0] in ("train", "config")
+            sp.error(_unrecognized(extra) if takes_overrides else f"unrecognized arguments: {' '.join(extra)}")
     else:
         args = ap.parse_args(argv)
     try:

@@ -616,8 +616,9 @@ TRL_NAMES = {
 }
 
 
-def _unknown_keys(cls, data: dict, prefix: str) -> list[str]:
-    """Every unknown key in the tree (not only the first), each with the likeliest meant key."""
+def _unknown_keys(cls, data: dict, prefix: str) -> list[tuple[str, list[str], str]]:
+    """Every unknown key in the tree (not only the first): (its section, that section's keys, the key with the
+    likeliest meant one)."""
     if not isinstance(data, dict):
         return []
     hints = typing.get_type_hints(cls)
@@ -631,12 +632,14 @@ def _unknown_keys(cls, data: dict, prefix: str) -> list[str]:
             continue
         if k in TRL_NAMES:
             hint = f" (TRL's {k} is {TRL_NAMES[k]} here)"
+        elif str(k).split(".")[0] in names:  # `trainer.lr: 1e-5` in a YAML file: sections nest there
+            hint = f" (in a YAML file sections nest: {str(k).split('.')[0]}: then the key indented under it)"
         elif (other := section_with(k)) and other != prefix:
             hint = f" (did you mean {other}.{k}?)"
         else:
             close = difflib.get_close_matches(str(k), names, n=1)
             hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
-        out.append(key + hint)
+        out.append((prefix, names, key + hint))
     return out
 
 
@@ -652,16 +655,14 @@ def _build(cls, data: dict, prefix: str):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = _unknown_keys(cls, data, prefix) if not prefix else [k for k in data if k not in names]
-    if len(unknown) == 1 and not prefix:
-        first = unknown[0].split(" ")[0]
-        section = first.rsplit(".", 1)[0] if "." in first else ""
-        valid = [f.name for f in dataclasses.fields(hints[section] if section else cls)]
-        raise ConfigError(f"unknown config key {unknown[0]}; valid keys{' in ' + section if section else ''}: "
+    unknown = _unknown_keys(cls, data, prefix)
+    if len(unknown) == 1:
+        section, valid, text = unknown[0]
+        raise ConfigError(f"unknown config key {text}; valid keys{' in ' + section if section else ''}: "
                           f"{', '.join(valid)}")
     if unknown:
-        raise ConfigError(f"{len(unknown)} unknown config keys: {'; '.join(unknown)}. The keys: `minillm config` "
-                          f"prints them all, README 'Configuration reference' describes them")
+        raise ConfigError(f"{len(unknown)} unknown config keys: {'; '.join(t for _, _, t in unknown)}. The keys: "
+                          f"`minillm config` prints them all, README 'Configuration reference' describes them")
     kwargs = {}
     for name in names:
         if name not in data:

@@ -305,6 +305,17 @@ def test_resume_under_another_learner_layout_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"trainer.cpu_offload=False \(now True\)"):
         resume("trainer.zero_stage=3", "trainer.num_ranks=2", "trainer.cpu_offload=true")
 
+    # written before the learner's two AdamW groups (its config has no trainer.disable_dropout): refused at start,
+    # not deep in DeepSpeed's optimizer load after every role started
+    del written["trainer"]["disable_dropout"]
+    tmp = ckpt.begin(run / "checkpoints", 5)
+    (ckpt.deepspeed_dir(tmp) / ckpt.DS_TAG).mkdir(parents=True)
+    (ckpt.deepspeed_dir(tmp) / ckpt.DS_TAG / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    ckpt.save_trainer_state(tmp, {"step": 5, "config": written})
+    ckpt.commit(run / "checkpoints", tmp, 5, keep_last=2)
+    with pytest.raises(ConfigError, match=r"earlier minillm whose optimizer held one parameter group"):
+        resume("trainer.zero_stage=3", "trainer.num_ranks=2")
+
 
 def test_resume_with_other_steps_data_or_settings(tmp_path, caplog):
     """A checkpoint past trainer.steps, or data of another size (its saved position would index another order), is

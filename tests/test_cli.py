@@ -25,6 +25,14 @@ def test_config_prints_the_resolved_config_and_names_a_bad_key(capsys):
     with pytest.raises(SystemExit):  # a TRL / HF Trainer style flag: argparse's exit, with the override meant
         main(["train", "--learning_rate", "1e-5"])
     assert "--learning_rate is trainer.lr here" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # every flag gets its hint
+        main(["config", "--foo", "1", "--max-new-tokens", "2", "--lr=3"])
+    err = capsys.readouterr().err
+    assert "--max-new-tokens is rollout.max_new_tokens here; --lr is trainer.lr here" in err
+    with pytest.raises(SystemExit):  # export takes no overrides: no hint to write one
+        main(["export", "ck", "--out", "o", "--learning_rate", "1"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --learning_rate 1" in err and "key=value" not in err
 
 
 def test_export_refuses_a_non_empty_folder_and_a_missing_checkpoint(tmp_path, capsys):

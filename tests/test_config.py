@@ -225,3 +225,16 @@ def test_a_hub_id_resolves_to_its_local_cache_snapshot_and_a_missing_one_says_ho
         check_paths(load_config(None, ["model.student=acme/absent"]))
     (tmp_path / "acme" / "tiny-student").mkdir(parents=True)  # a local folder of that name wins over the cache
     assert resolve_path("acme/tiny-student") == "acme/tiny-student"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("trainer.lr: 0.001\n", "unknown config key trainer.lr (in a YAML file sections nest: trainer: then the key"),
+    ("foo.bar: 1\n", "unknown config key foo.bar; valid keys: output_dir, model"),
+    ("trainer:\n  foo.bar: 1\n", "unknown config key trainer.foo.bar; valid keys in trainer: steps, lr"),
+])
+def test_dotted_keys_in_a_yaml_file_are_named(tmp_path, text, needle):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert needle in str(e.value)

@@ -344,12 +344,18 @@ EOT_CHAT = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}a
             "{% else %}bob {{ m['content'] }} <eot>\n{% endif %}{% endfor %}{% if add_generation_prompt %}bob {% endif %}")
 
 
-@pytest.fixture
-def eot_tok():
+@pytest.fixture(params=["named", "unnamed"])
+def eot_tok(request):
+    """named: <eot> among the tokenizer's special tokens; unnamed: an added token flagged special that no special
+    token attribute names (as some instruct tokenizers ship their end-of-turn token)."""
     from tokenizers import AddedToken
 
     t = AutoTokenizer.from_pretrained(TOKENIZER)
-    t.add_special_tokens({"additional_special_tokens": ["<eot>"]})
+    if request.param == "named":
+        t.add_special_tokens({"additional_special_tokens": ["<eot>"]})
+    else:
+        t.add_tokens([AddedToken("<eot>", normalized=False, special=True)])
+        assert t.convert_tokens_to_ids("<eot>") not in t.all_special_ids
     t.add_tokens([AddedToken("\n", normalized=False, special=False)])  # a real token, as "\n" is in BPE vocabularies
     t.chat_template = EOT_CHAT
     return t

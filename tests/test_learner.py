@@ -313,13 +313,13 @@ def test_resume_applies_the_new_learning_rate_and_weight_decay(roles, tmp_path):
         lr = train_on(learner, batch, scores, None)["lr"]
         # read from the optimizer DeepSpeed steps (its wrapper's groups), and the rate it used from the group itself
         decay, group_lr = ray.get(learner[0].__ray_call__.remote(
-            lambda self: ({g["weight_decay"] for g in self.engine.optimizer.param_groups},
+            lambda self: ({g["decays"]: g["weight_decay"] for g in self.engine.optimizer.param_groups},
                           {g["lr"] for g in self.engine.optimizer.param_groups})))
     finally:
         ray.kill(learner[0])
         release(placement)
     assert lr == pytest.approx(5e-3 * (1 - (2 - 1) / (6 - 1)))  # linear decay at update 2 of 6, warm-up 1
-    assert decay == {0.25, 0.0}  # the new rate; biases and norm weights never decay
+    assert decay == {True: 0.25, False: 0.0}  # the new rate; biases and norm weights never decay
     assert sorted(group_lr) == pytest.approx([5e-3 * (1 - (3 - 1) / (6 - 1))])  # the scheduler moved on to update 3
 
 

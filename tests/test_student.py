@@ -64,3 +64,14 @@ def test_weight_decay_groups_follow_hf_trainer(tmp_path, arch):
     for n, w in start.items():
         expected = -1e-2 * 0.1 * w if w.dim() >= 2 else torch.zeros_like(w)
         torch.testing.assert_close(after[0.1][n] - after[0.0][n], expected, rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_without_dropout_zeroes_every_training_only_noise():
+    from transformers import MixtralConfig, OPTConfig
+
+    from trainer.student import without_dropout
+    opt = without_dropout(OPTConfig(dropout=0.1, attention_dropout=0.1, layerdrop=0.2, activation_dropout=0.1))
+    assert (opt.dropout, opt.attention_dropout, opt.layerdrop, opt.activation_dropout) == (0.0, 0.0, 0.0, 0.0)
+    moe = without_dropout(MixtralConfig(router_jitter_noise=0.01, attention_dropout=0.1))
+    assert (moe.router_jitter_noise, moe.attention_dropout) == (0.0, 0.0)
+    assert moe.hidden_size == MixtralConfig().hidden_size  # nothing else touched

@@ -312,6 +312,13 @@ def encode_prompt(tokenizer, prompt, chat_template: bool, where: str = "a prompt
     return tokenizer(prompt)["input_ids"]
 
 
+def special_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's special tokens: the named ones (BOS, EOS, ...) and every added token flagged special,
+    which is how some instruct tokenizers ship their end-of-turn token without naming it."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(tokenizer.all_special_ids) | {i for i, tok in added.items() if getattr(tok, "special", False)}
+
+
 def templated_response(tokenizer, prompt, reply: str, head: Optional[list[int]] = None) -> Optional[list[int]]:
     """The reply's ids as the chat template writes the assistant turn: the whole conversation rendered, less the
     prompt's ids (with the generation prompt), as TRL computes a completion. So the turn ends with the template's
@@ -327,7 +334,7 @@ def templated_response(tokenizer, prompt, reply: str, head: Optional[list[int]] 
     if len(full) <= len(head) or full[:len(head)] != head:
         return None
     rest = full[len(head):]
-    specials = set(tokenizer.all_special_ids)
+    specials = special_ids(tokenizer)
     last = max((j for j, t in enumerate(rest) if t in specials), default=None)
     if last is not None and not tokenizer.decode(rest[last + 1:]).strip():
         rest = rest[:last + 1]

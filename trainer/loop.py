@@ -291,6 +291,11 @@ def check_resumable(cfg: RunConfig, path: Path, data: Optional["Datasets"] = Non
     if diff:
         raise ConfigError(f"cannot resume from {path}: it was written with {', '.join(diff)}; resume with the "
                           f"checkpoint's values, or export it (minillm export) and start a new run from that model")
+    if saved and "disable_dropout" not in saved:  # the key came with the two AdamW groups (HF Trainer's no-decay rule)
+        raise ConfigError(f"cannot resume from {path}: it was written by an earlier minillm whose optimizer held one "
+                          f"parameter group (this one has two: no weight decay on biases and norm weights), so its "
+                          f"optimizer state does not load; resume it with that version, or export it (minillm "
+                          f"export) and start a new run from that model")
     if (path / ckpt.STUDENT_DIR / "config.json").is_file():  # the learner would fail on shapes, after every role started
         from transformers import AutoConfig
 

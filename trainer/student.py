@@ -9,14 +9,16 @@ NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)",
 
 
 def without_dropout(config):
-    """`config` with every dropout probability at 0 (attention_dropout, hidden_dropout, resid_pdrop, ...).
+    """`config` with every dropout probability at 0 (attention_dropout, hidden_dropout, resid_pdrop, ...), and the
+    other noise a model adds only in training mode: layer drop (OPT, XGLM) and MoE router jitter (Mixtral, PhiMoE).
 
     Set on the config, before the model is built: Llama-style attention reads `config.attention_dropout` in its
     forward, which no `nn.Dropout` module holds. The text config is the one a multimodal config nests.
     """
     for cfg in {id(c): c for c in (config, config.get_text_config())}.values():
         for key, value in cfg.to_dict().items():
-            if ("dropout" in key or "pdrop" in key) and isinstance(value, float) and hasattr(cfg, key):
+            noisy = "dropout" in key or "pdrop" in key or key == "layerdrop" or key.endswith("jitter_noise")
+            if noisy and isinstance(value, float) and hasattr(cfg, key):
                 setattr(cfg, key, 0.0)
     return config
 
