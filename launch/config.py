@@ -364,6 +364,10 @@ class TrainerConfig:
         biases and norm weights do not decay.
     lr_schedule (str, *optional*, defaults to "constant"): "constant" | "linear" | "cosine",
         after `warmup_steps` of linear warm-up.
+    warmup_steps (int, *optional*, defaults to 0): warm-up length in optimizer updates (steps × ppo_epochs
+        updates in a run).
+    warmup_ratio (float, *optional*, defaults to 0.0): warm-up as a fraction of the run's updates, rounded up
+        (HF Trainer's `warmup_ratio`); give it or `warmup_steps`, not both.
     grad_clip (float, *optional*, defaults to 1.0): max gradient norm (0 = off).
     zero_stage (int, *optional*, defaults to 0): DeepSpeed ZeRO stage 0-3.
     num_ranks (int, *optional*, defaults to 1): learner data-parallel ranks (Ray actors).
@@ -387,6 +391,7 @@ class TrainerConfig:
     weight_decay: float = 0.0
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0
     grad_clip: float = 1.0
     zero_stage: int = 0
     num_ranks: int = 1
@@ -401,11 +406,19 @@ class TrainerConfig:
     seed: int = 0
     eval_every: int = 0
 
+    def warmup_updates(self, ppo_epochs: int) -> int:
+        """The warm-up in optimizer updates: `warmup_steps`, or `warmup_ratio` of the run's updates (rounded up)."""
+        return self.warmup_steps or math.ceil(self.warmup_ratio * self.steps * ppo_epochs)
+
     def validate(self) -> None:
         _positive("trainer.steps", self.steps)
         _in_range("trainer.lr", self.lr, 0.0, None, low_open=True)
         _in_range("trainer.weight_decay", self.weight_decay, 0.0, None)
         _in_range("trainer.warmup_steps", self.warmup_steps, 0, None)
+        _in_range("trainer.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        if self.warmup_steps and self.warmup_ratio:
+            raise ConfigError(f"trainer.warmup_steps={self.warmup_steps} and trainer.warmup_ratio={self.warmup_ratio} "
+                              f"both set the warm-up; give one of them")
         _in_range("trainer.grad_clip", self.grad_clip, 0.0, None)
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"trainer.zero_stage must be one of 0, 1, 2, 3, got {self.zero_stage}")
@@ -605,7 +618,8 @@ TRL_NAMES = {
     "max_prompt_length": "data.max_prompt_len", "max_length": "data.max_prompt_len + rollout.max_new_tokens",
     "model_name_or_path": "model.student", "teacher_model_name_or_path": "model.teacher",
     "learning_rate": "trainer.lr", "max_grad_norm": "trainer.grad_clip", "lr_scheduler_type": "trainer.lr_schedule",
-    "warmup_steps": "trainer.warmup_steps", "weight_decay": "trainer.weight_decay", "max_steps": "trainer.steps",
+    "warmup_steps": "trainer.warmup_steps", "warmup_ratio": "trainer.warmup_ratio",
+    "weight_decay": "trainer.weight_decay", "max_steps": "trainer.steps",
     "seed": "trainer.seed", "bf16": "trainer.bf16", "gradient_checkpointing": "trainer.gradient_checkpointing",
     "disable_dropout": "trainer.disable_dropout", "eval_steps": "trainer.eval_every",
     "save_steps": "checkpoint.every", "save_total_limit": "checkpoint.keep_last",

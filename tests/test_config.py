@@ -43,6 +43,7 @@ def test_dotted_overrides_are_typed():
     ("rollout.mix_alpha=-0.1", "rollout.mix_alpha must be in [0.0, 1.0], got -0.1"),
     ("trainer.lr", "must look like section.key=value"),
     ("trainer.lr=nan", "trainer.lr must be a finite number, got nan"),
+    ("trainer.warmup_ratio=1.5", "trainer.warmup_ratio must be in [0.0, 1.0], got 1.5"),
     ("objective.beta=.inf", "objective.beta must be a finite number, got inf"),
     ("trainer.num_gpus=-1", "trainer.num_gpus must be in [0.0, inf], got -1.0"),
     ("teacher.num_cpus=-2", "teacher.num_cpus must be in [0.0, inf], got -2.0"),
@@ -238,3 +239,9 @@ def test_dotted_keys_in_a_yaml_file_are_named(tmp_path, text, needle):
     with pytest.raises(ConfigError) as e:
         load_config(str(path))
     assert needle in str(e.value)
+
+
+def test_warmup_is_given_once():
+    with pytest.raises(ConfigError, match="trainer.warmup_steps=3 and trainer.warmup_ratio=0.1 both set the warm-up"):
+        load_config(None, ["trainer.warmup_steps=3", "trainer.warmup_ratio=0.1"])
+    assert load_config(None, ["trainer.warmup_steps=0", "trainer.warmup_ratio=0.1", "trainer.steps=11"]).trainer.warmup_updates(2) == 3  # ceil(2.2)

@@ -212,8 +212,10 @@ def test_learner_options_leave_the_first_update_unchanged(roles):
             torch.testing.assert_close(w[k], ref[k], rtol=0, atol=2e-6, msg=f"{name}: {k}")
 
 
-@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
-def test_learning_rate_follows_the_schedule_with_warmup(roles, schedule):
+@pytest.mark.parametrize("schedule, warmup_key", [("constant", "warmup_steps=2"), ("linear", "warmup_steps=2"),
+                                                  ("cosine", "warmup_steps=2"),
+                                                  ("linear", "warmup_ratio=0.3")])  # 0.3 x 5 updates, rounded up: 2
+def test_learning_rate_follows_the_schedule_with_warmup(roles, schedule, warmup_key):
     """The rate each update uses, against the closed forms: linear warm-up over `warmup_steps` updates from 0,
     then constant, linear decay to 0, or half a cosine to 0, at the end of `steps` × `ppo_epochs` updates."""
     import math
@@ -222,8 +224,9 @@ def test_learning_rate_follows_the_schedule_with_warmup(roles, schedule):
     lr, steps, warmup = 1e-3, 5, 2
     batch = generate(workers, _prompts(), SamplingSettings(max_new_tokens=3, eos_token_id=2, seed=9))
     scores = score(teacher, batch, cfg)
-    learner, placement = _start([f"trainer.lr={lr}", f"trainer.steps={steps}", f"trainer.warmup_steps={warmup}",
-                                 f"trainer.lr_schedule={schedule}"])
+    learner, placement = _start([f"trainer.lr={lr}", f"trainer.steps={steps}", f"trainer.{warmup_key}",
+                                 f"trainer.lr_schedule={schedule}",
+                                 *(["trainer.warmup_steps=0"] if "ratio" in warmup_key else [])])
     try:
         used = [train_on(learner, batch, scores, None)["lr"] for _ in range(steps)]
     finally:

@@ -97,7 +97,7 @@ class Learner:
         schedule = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[self.cfg.lr_schedule]
 
         def make_scheduler(optimizer):  # handed to DeepSpeed: it steps it and saves it in checkpoints
-            return transformers.get_scheduler(schedule, optimizer, num_warmup_steps=self.cfg.warmup_steps,
+            return transformers.get_scheduler(schedule, optimizer, num_warmup_steps=self.cfg.warmup_updates(self.obj.ppo_epochs),
                                               num_training_steps=self.cfg.steps * self.obj.ppo_epochs)
 
         optimizer = None

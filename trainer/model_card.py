@@ -32,7 +32,7 @@ _HPARAMS = [
     ("rollout", "mix_alpha"), ("rollout", "temperature"), ("rollout", "top_p"), ("rollout", "top_k"),
     ("rollout", "max_new_tokens"),
     ("rollout", "prompts_per_step"), ("rollout", "n_samples"), ("trainer", "steps"), ("trainer", "lr"), ("trainer", "lr_schedule"),
-    ("trainer", "warmup_steps"), ("trainer", "weight_decay"), ("trainer", "grad_clip"),
+    ("trainer", "warmup_steps"), ("trainer", "warmup_ratio"), ("trainer", "weight_decay"), ("trainer", "grad_clip"),
     ("trainer", "zero_stage"), ("trainer", "num_ranks"), ("trainer", "bf16"), ("trainer", "seed"),
 ]
 
