@@ -10,6 +10,7 @@ from launch.config import load_config, resolve_path
 from launch.placement import create_placement, release
 from rollout.types import SamplingSettings
 from trainer.loop import eval_objective, generate, score, train_on
+from trainer.objective import select_scores
 from trainer.roles import start_learners, start_rollout, start_teacher
 from trainer.sync import sync_weights
 
@@ -359,3 +360,18 @@ def test_held_out_objective_loss_is_the_divergence_under_the_learners_weights(ro
     expected = float(torch.cat(per_token).mean())
     assert set(got) == {"loss", "divergence"}
     assert got["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+    # two ZeRO-3 ranks: rows sharded and merged by token count; with one row, the rank without rows runs its
+    # dummy forwards (ZeRO-3 gathers are collective) and the figure is that row's own
+    one = batch.select([0])
+    learner, placement = _start(["objective.name=gkd", f"objective.beta={beta}", "trainer.micro_batch_tokens=24",
+                                 "trainer.num_ranks=2", "trainer.zero_stage=3"])
+    try:
+        sharded = eval_objective(learner, batch, scores)
+        alone = eval_objective(learner, one, select_scores(scores, [0], one.max_response_len))
+    finally:
+        for lr in learner:
+            ray.kill(lr)
+        release(placement)
+    assert sharded["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert alone["loss"] == pytest.approx(float(per_token[0].mean()), rel=1e-4, abs=1e-6)
