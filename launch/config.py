@@ -48,12 +48,13 @@ def resolve_path(path: Optional[str]) -> Optional[str]:
     if path.startswith("builtin:"):
         return str(ASSETS_DIR / path[len("builtin:"):])
     path = os.path.expanduser(path)
-    if _HUB_ID.match(path) and not os.path.exists(path):
+    if looks_like_hub_id(path):
         return cached_hub_snapshot(path) or path
     return path
 
 
 def looks_like_hub_id(value: str) -> bool:
+    """An `owner/name` string that names no local path."""
     return bool(_HUB_ID.match(value)) and not os.path.exists(os.path.expanduser(value))
 
 

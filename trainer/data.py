@@ -5,11 +5,10 @@ import io
 import json
 import logging
 import random
-import re
 from pathlib import Path
 from typing import Optional
 
-from launch.config import ConfigError, DataConfig, resolve_path
+from launch.config import ConfigError, DataConfig, looks_like_hub_id, resolve_path
 from rollout.types import RolloutBatch
 
 log = logging.getLogger("minillm")
@@ -31,7 +30,7 @@ def read_records(spec: str) -> list[dict]:
     path = Path(resolve_path(spec))
     if not path.exists():
         hint = ""
-        if _HUB_ID.fullmatch(spec) and path.suffix not in (".jsonl", ".json", ".parquet"):
+        if looks_like_hub_id(spec) and path.suffix not in (".jsonl", ".json", ".parquet"):
             hint = (f"; for the Hugging Face dataset {spec!r} give hf:{spec} (offline, it must already be in the "
                     f"local datasets cache)")
         raise ConfigError(f"data file {spec!r} not found (resolved to {path}){hint}")
@@ -65,9 +64,6 @@ def read_records(spec: str) -> list[dict]:
         return pq.read_table(path).to_pylist()
     raise ConfigError(f"data file {spec!r}: expected .jsonl, .json or .parquet, a datasets save_to_disk folder, "
                       f"or hf:NAME[:SPLIT]")
-
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def _json_lines(spec: str, text: str) -> list[dict]:
